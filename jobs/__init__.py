@@ -1,0 +1,1 @@
+"""Thin entrypoints: parse arguments, call resnet/."""

@@ -1,0 +1,103 @@
+"""python -m jobs.train: one training run on Ray Train (embedded local Ray, or RAY_ADDRESS)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from resnet.config import (AUGMENTS, MODELS, OPTIMIZERS, PRESETS, SCHEDULES, TrainConfig,
+                           make_config, parse_milestones)
+from resnet.errors import OneLineParser, UsageError, run_main
+
+D = TrainConfig()  # dataclass defaults, shown in --help; a preset may change them
+
+
+def build_parser() -> OneLineParser:
+    p = OneLineParser(
+        prog="python -m jobs.train",
+        description="Train a ResNet on CIFAR-10 with Ray Train (DDP; gloo on CPU, NCCL on GPU). "
+                    "Writes <storage>/<name>/: Ray Train's checkpoints, metrics.parquet, "
+                    "summary.json and best/model.pt2. Running the same command again resumes.",
+        epilog="Flags left out take the preset's value, else the default shown. "
+               f"Presets: {', '.join(PRESETS)} (keras: the original Keras ResNet20v1 recipe).")
+    data = p.add_argument_group("data")
+    data.add_argument("--data", help="data source: an image-folder tree (train/<class>/*), a "
+                      ".tar/.tar.gz/.tar.xz of one, a cifar-10-batches-py/ directory or "
+                      "cifar-10-python.tar.gz (default: $CIFAR10_DATA, else torchvision's download "
+                      "into ~/.cache/resnet-cifar10/download)")
+    data.add_argument("--val-size", type=int, help=f"validation images carved from train, "
+                      f"stratified (default {D.val_size})")
+    data.add_argument("--subset", type=int, help="train on a stratified subset of this many "
+                      "images (smoke runs; default: all)")
+    data.add_argument("--seed", type=int, help=f"seed of splits, init and augmentation (default {D.seed})")
+
+    opt = p.add_argument_group("model and optimisation")
+    opt.add_argument("--preset", choices=list(PRESETS), help="recipe to start from (default: default)")
+    opt.add_argument("--model", choices=MODELS, help=f"architecture (default {D.model})")
+    opt.add_argument("--epochs", type=int, help=f"epochs to train (default {D.epochs})")
+    opt.add_argument("--batch-size", type=int, help=f"global batch, split across workers "
+                     f"(default {D.batch_size})")
+    opt.add_argument("--optimizer", choices=OPTIMIZERS, help=f"sgd is Nesterov SGD (default {D.optimizer})")
+    opt.add_argument("--lr", type=float, help=f"peak (onecycle, cosine) or base (step) learning "
+                     f"rate (default {D.lr})")
+    opt.add_argument("--momentum", type=float, help=f"SGD momentum (default {D.momentum})")
+    opt.add_argument("--rho", type=float, help=f"RMSprop decay (default {D.rho})")
+    opt.add_argument("--eps", type=float, help=f"Adam/RMSprop epsilon (default {D.eps})")
+    opt.add_argument("--weight-decay", type=float, help=f"optimizer weight decay (default {D.weight_decay})")
+    opt.add_argument("--l2", type=float, help="Keras-style L2 penalty on conv kernels, added to "
+                     f"the loss (default {D.l2})")
+    opt.add_argument("--label-smoothing", type=float, help=f"(default {D.label_smoothing})")
+    opt.add_argument("--schedule", choices=SCHEDULES, help=f"LR schedule (default {D.schedule})")
+    opt.add_argument("--warmup-frac", type=float, help="share of all steps spent warming up "
+                     f"linearly (onecycle, cosine; default {D.warmup_frac})")
+    opt.add_argument("--final-lr-ratio", type=float, help="final LR as a fraction of the peak "
+                     f"(onecycle, cosine; default {D.final_lr_ratio})")
+    opt.add_argument("--milestones", type=parse_milestones_arg, help="step schedule: 1-based "
+                     "epoch:factor pairs, e.g. 10:0.5,20:0.5 (from epoch 10 the LR is halved)")
+    opt.add_argument("--augment", choices=AUGMENTS, help="crop: pad 4 + random crop + flip; "
+                     f"keras: 0.1 shifts with nearest fill + flip (default {D.augment})")
+    opt.add_argument("--cutout", type=int, help=f"cutout square side in pixels, 0 = off (default {D.cutout})")
+
+    hw = p.add_argument_group("hardware and run")
+    hw.add_argument("--num-workers", type=int, help=f"Ray Train workers, one DDP rank each "
+                    f"(default {D.num_workers})")
+    device = hw.add_mutually_exclusive_group()
+    device.add_argument("--gpu", dest="use_gpu", action="store_const", const=True,
+                        help="one GPU per worker (default: when the cluster has GPUs)")
+    device.add_argument("--cpu", dest="use_gpu", action="store_const", const=False,
+                        help="train on CPUs even when GPUs exist")
+    hw.add_argument("--cpus-per-worker", type=int, help="CPUs (and torch threads) per worker "
+                    "(default: the machine's CPUs divided by --num-workers)")
+    hw.add_argument("--no-amp", dest="amp", action="store_const", const=False,
+                    help="turn off bf16 autocast on CUDA")
+    hw.add_argument("--no-channels-last", dest="channels_last", action="store_const", const=False,
+                    help="keep the contiguous memory format on CUDA")
+    hw.add_argument("--max-failures", type=int, help="worker-group restarts from the latest "
+                    f"checkpoint before the run fails, -1 = unlimited (default {D.max_failures})")
+    hw.add_argument("--storage", help=f"root folder or URI (s3://, gs://) for runs (default {D.storage})")
+    hw.add_argument("--name", help="run name, no timestamp, so the same command resumes "
+                    "(default: <model>-<preset>-seed<seed>)")
+    return p
+
+
+def parse_milestones_arg(text: str):
+    try:
+        return parse_milestones(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+
+    def run() -> int:
+        from resnet.driver import train_driver_fn  # imports Ray and torch: after parsing
+        config = make_config(**args)
+        summary = train_driver_fn(config)
+        return 0 if summary["epochs_completed"] else 1
+
+    return run_main("jobs.train", run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Checkpoints (a plain dict in ``checkpoint.pt``) and the ``torch.export`` of a trained model."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from resnet.errors import UsageError
+from resnet.models import build_model
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def save_state(directory: str | Path, state: dict[str, Any]) -> None:
+    torch.save(state, Path(directory) / CHECKPOINT_FILE)
+
+
+def load_state(checkpoint, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint dict from a ``ray.train.Checkpoint``, its directory or the file itself.
+
+    ``weights_only=True``: tensors and plain containers only, never arbitrary pickled objects.
+    """
+    if hasattr(checkpoint, "as_directory"):
+        with checkpoint.as_directory() as directory:
+            return load_state(directory, map_location)
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise UsageError(f"checkpoint {path} does not exist") from None
+    except Exception as exc:  # truncated files and foreign pickles fail in many ways
+        raise UsageError(f"checkpoint {path} is corrupt or not a checkpoint of this project "
+                         f"({type(exc).__name__}); pass a checkpoint.pt written by jobs.train") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise UsageError(f"checkpoint {path} is not a checkpoint of this project (no model/config)")
+    return state
+
+
+def model_from_state(state: dict[str, Any]) -> nn.Module:
+    """Rebuild the model a checkpoint was trained as, with its weights, in eval mode."""
+    name = state["config"]["model"]
+    model = build_model(name, num_classes=len(state.get("classes", range(10))))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise UsageError(f"checkpoint weights do not fit model {name!r} "
+                         f"({str(exc).splitlines()[0]})") from None
+    return model.eval()
+
+
+def export_model(model: nn.Module) -> bytes:
+    """``torch.export`` with a dynamic batch: float32 N x 3 x 32 x 32 in [0, 1] -> N x classes.
+
+    Exported on the CPU in eval mode, so the file loads anywhere with
+    ``torch.export.load(path).module()`` and needs nothing from this project.
+    """
+    model = model.to("cpu").eval()
+    example = torch.rand(2, 3, 32, 32)
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return buffer.getvalue()

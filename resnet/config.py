@@ -1,0 +1,168 @@
+"""The one typed run config: built from a preset plus CLI flags, validated, sent to every worker."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from resnet.errors import UsageError
+
+MODELS = ("resnet20", "resnet18", "tiny")
+OPTIMIZERS = ("sgd", "adam", "rmsprop")
+SCHEDULES = ("onecycle", "cosine", "step")
+AUGMENTS = ("crop", "keras", "none")
+TARGET_ACC = 0.88  # the accuracy the project aims to pass; summary.json records when it was
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run depends on. Units: epochs, images, pixels, learning rate."""
+
+    # Model and data.
+    model: str = "resnet20"
+    data: str | None = None  # a data source; None: $CIFAR10_DATA, else torchvision's download
+    val_size: int = 5000  # images carved from train for validation (stratified)
+    subset: int | None = None  # train on a stratified subset of this many images (smoke runs)
+    seed: int = 0
+    # Optimisation.
+    epochs: int = 30
+    batch_size: int = 256  # global batch, split evenly across workers
+    optimizer: str = "sgd"  # sgd (Nesterov momentum), adam or rmsprop
+    lr: float = 0.2  # peak LR for onecycle/cosine, base LR for step
+    momentum: float = 0.9  # SGD momentum
+    rho: float = 0.9  # RMSprop decay
+    eps: float = 1e-8  # Adam/RMSprop epsilon
+    weight_decay: float = 5e-4  # optimizer weight decay (added to the gradient)
+    l2: float = 0.0  # Keras-style L2 penalty on conv kernels, added to the loss
+    label_smoothing: float = 0.1
+    schedule: str = "onecycle"
+    warmup_frac: float = 0.15  # share of all steps spent warming up (onecycle, cosine)
+    final_lr_ratio: float = 0.0  # last LR as a fraction of the peak (onecycle, cosine)
+    # step schedule: (1-based epoch, factor) pairs; from that epoch on the LR is multiplied.
+    milestones: tuple[tuple[int, float], ...] = ()
+    # Augmentation, drawn per epoch from (seed, epoch).
+    augment: str = "crop"  # crop: 4-pixel pad + crop + flip; keras: 0.1 shifts, nearest fill + flip
+    cutout: int = 0  # side of the cutout square in pixels; 0 turns it off
+    # Hardware.
+    num_workers: int = 1
+    use_gpu: bool | None = None  # None: use GPUs when the cluster has any
+    cpus_per_worker: int | None = None  # None: share the machine's CPUs between the workers
+    amp: bool = True  # bf16 autocast on CUDA (no effect on CPU)
+    channels_last: bool = True  # channels_last memory format on CUDA (no effect on CPU)
+    max_failures: int = 1  # worker-group restarts from the latest checkpoint before giving up
+    # Where the run lives: <storage>/<name>/.
+    storage: str = "results"
+    name: str | None = None
+    preset: str | None = None
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
+        """Build from a plain dict (CLI, JSON, Tune); unknown keys are a usage error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UsageError(f"unknown config key(s) {', '.join(unknown)}; "
+                             f"known keys: {', '.join(sorted(known))}")
+        values = dict(values)
+        if values.get("milestones") is not None:
+            values["milestones"] = tuple((int(e), float(f)) for e, f in values["milestones"])
+        return cls(**values).validated()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (tuples become lists); round-trips through from_dict."""
+        out = dataclasses.asdict(self)
+        out["milestones"] = [list(m) for m in self.milestones]
+        return out
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes).validated()
+
+    @property
+    def run_name(self) -> str:
+        """Runs are named without timestamps so that the same command resumes the same run."""
+        return self.name or f"{self.model}-{self.preset or 'custom'}-seed{self.seed}"
+
+    def validated(self) -> "TrainConfig":
+        _check_choice("model", self.model, MODELS)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("schedule", self.schedule, SCHEDULES)
+        _check_choice("augment", self.augment, AUGMENTS)
+        _check(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
+        _check(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
+        _check(self.num_workers >= 1, f"--num-workers must be at least 1, got {self.num_workers}")
+        _check(self.batch_size % self.num_workers == 0,
+               f"--batch-size {self.batch_size} must be divisible by --num-workers "
+               f"{self.num_workers} (the global batch is split evenly across workers)")
+        _check(math.isfinite(self.lr) and self.lr > 0, f"--lr must be positive, got {self.lr}")
+        for key in ("weight_decay", "l2", "momentum", "eps"):
+            value = getattr(self, key)
+            _check(math.isfinite(value) and value >= 0,
+                   f"--{key.replace('_', '-')} must be >= 0, got {value}")
+        _check(0 <= self.rho < 1, f"--rho must be in [0, 1), got {self.rho}")
+        _check(0 <= self.label_smoothing < 1,
+               f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        _check(0 <= self.warmup_frac < 1, f"--warmup-frac must be in [0, 1), got {self.warmup_frac}")
+        _check(0 <= self.final_lr_ratio <= 1,
+               f"--final-lr-ratio must be in [0, 1], got {self.final_lr_ratio}")
+        _check(self.schedule != "step" or bool(self.milestones),
+               "--schedule step needs --milestones, for example 10:0.5,20:0.5")
+        for epoch, factor in self.milestones:
+            _check(epoch >= 1 and factor > 0,
+                   f"milestone {epoch}:{factor} must have an epoch >= 1 and a factor > 0")
+        _check(0 <= self.cutout <= 32, f"--cutout must be 0-32 pixels, got {self.cutout}")
+        _check(self.val_size >= 1, f"--val-size must be at least 1, got {self.val_size}")
+        _check(self.subset is None or self.subset >= 1, f"--subset must be positive, got {self.subset}")
+        _check(self.max_failures >= -1, f"--max-failures must be >= -1, got {self.max_failures}")
+        _check(self.cpus_per_worker is None or self.cpus_per_worker >= 1,
+               f"--cpus-per-worker must be at least 1, got {self.cpus_per_worker}")
+        _check(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.run_name)),
+               f"--name {self.run_name!r} must be a plain name (letters, digits, '.', '_', '-'; "
+               "no path separators)")
+        return self
+
+
+# Presets set defaults; flags given on the command line override them.
+PRESETS: dict[str, dict[str, Any]] = {
+    # A plain one-cycle recipe: Nesterov SGD, crop and flip, label smoothing.
+    "default": {},
+    # The original Keras run: ResNet20v1, RMSprop, batch 32, L2 1e-4 on conv kernels as a loss
+    # term, Keras shift-and-flip augmentation, LR 0.003 then stepped down from epoch 10 on.
+    "keras": {
+        "model": "resnet20", "epochs": 50, "batch_size": 32, "optimizer": "rmsprop",
+        "lr": 0.003, "rho": 0.9, "eps": 1e-7, "weight_decay": 0.0, "l2": 1e-4,
+        "label_smoothing": 0.0, "schedule": "step", "augment": "keras", "cutout": 0,
+        "milestones": ((10, 0.5), (17, 0.9), (24, 0.8), (27, 0.8), (30, 0.7), (37, 0.7), (42, 0.8)),
+    },
+}
+
+
+def make_config(preset: str | None = None, **overrides: Any) -> TrainConfig:
+    """Dataclass defaults, then the preset, then explicit overrides (None means not given)."""
+    preset = preset or "default"
+    if preset not in PRESETS:
+        raise UsageError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    values: dict[str, Any] = {**PRESETS[preset], "preset": preset}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig.from_dict(values)
+
+
+def parse_milestones(text: str) -> tuple[tuple[int, float], ...]:
+    """'10:0.5,17:0.9' -> ((10, 0.5), (17, 0.9)); epochs are 1-based."""
+    try:
+        pairs = [item.split(":") for item in text.split(",") if item.strip()]
+        return tuple((int(e), float(f)) for e, f in pairs)
+    except ValueError:
+        raise UsageError(f"--milestones {text!r} must look like 10:0.5,20:0.5 "
+                         "(1-based epoch:factor pairs)") from None
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise UsageError(message)
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, f"unknown {key} {value!r}; choose one of {', '.join(choices)}")

@@ -1,0 +1,204 @@
+"""The driver of one training run: Ray, the ``TorchTrainer``, and the run's outputs.
+
+Under ``<storage>/<name>/`` it leaves Ray Train's run directory (checkpoints), ``metrics.parquet``
+(one row per epoch), ``summary.json`` (config, results, provenance) and ``best/model.pt2``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import ray.train
+import torch
+from ray.train.torch import TorchTrainer
+
+from resnet import storage
+from resnet.checkpoint import export_model, load_state, model_from_state
+from resnet.config import TARGET_ACC, TrainConfig
+from resnet.data import Dataset, Splits, load_splits
+from resnet.errors import TrainingFailed, UsageError
+from resnet.models import trainable_param_count
+from resnet.provenance import provenance
+from resnet.train import evaluate, train_fn_per_worker
+
+# Keys that may change between a run and its resumption: where and on what it runs.
+NON_IDENTITY_KEYS = {"num_workers", "use_gpu", "cpus_per_worker", "amp", "channels_last",
+                     "storage", "name", "data", "max_failures"}
+
+
+def connect_ray() -> bool:
+    """Join the cluster in RAY_ADDRESS (as under ``ray job submit``), else start an embedded
+    local Ray on loopback. Returns True when the Ray is embedded."""
+    if ray.is_initialized():
+        return not os.environ.get("RAY_ADDRESS")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return False
+    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
+    return True
+
+
+def resolve_hardware(config: TrainConfig, embedded: bool) -> TrainConfig:
+    """Fill in GPU use and CPUs per worker from the cluster; refuse what the local Ray can't fit."""
+    total = ray.cluster_resources()
+    node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
+    use_gpu = config.use_gpu if config.use_gpu is not None else total.get("GPU", 0) > 0
+    cpus = config.cpus_per_worker or max(1, int(node_cpus) // config.num_workers)
+    if embedded:  # a real cluster may autoscale; the local one will not
+        if use_gpu and total.get("GPU", 0) < config.num_workers:
+            raise UsageError(f"--gpu with {config.num_workers} worker(s) needs as many GPUs; this "
+                             f"machine has {int(total.get('GPU', 0))} (use --cpu or fewer workers)")
+        if cpus * config.num_workers > total.get("CPU", 0):
+            raise UsageError(f"{config.num_workers} worker(s) x {cpus} CPU(s) do not fit the "
+                             f"{int(total.get('CPU', 0))} CPUs of this machine; lower "
+                             "--num-workers or --cpus-per-worker")
+    return config.replace(use_gpu=use_gpu, cpus_per_worker=cpus)
+
+
+def check_resumable(run_dir: str, config: TrainConfig, dataset: Dataset) -> None:
+    """A run name is reused only by the same run: same training config and same data."""
+    identity = {k: v for k, v in config.to_dict().items() if k not in NON_IDENTITY_KEYS}
+    identity["data_key"] = dataset.key
+    path = storage.join(run_dir, "run.json")
+    previous = storage.read_bytes(path)
+    if previous is not None:
+        old = json.loads(previous)
+        changed = sorted(k for k in identity.keys() | old.keys() if identity.get(k) != old.get(k))
+        if changed:
+            raise UsageError(f"run {config.run_name!r} in {config.storage} was started with other "
+                             f"settings ({', '.join(changed)}); pass another --name, or delete "
+                             f"{run_dir} to start over")
+        return
+    storage.write_bytes(path, json.dumps(identity, indent=2).encode())
+
+
+@ray.remote
+def finalize_best(checkpoint: ray.train.Checkpoint, config: TrainConfig,
+                  test_x, test_y) -> dict[str, Any]:
+    """On a worker (with a GPU when there is one): test accuracy of the best model, and its
+    torch.export as bytes for the driver to write into storage."""
+    state = load_state(checkpoint)
+    model = model_from_state(state)
+    out: dict[str, Any] = {"test_acc": None, "test_loss": None}
+    if test_x is not None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model.to(device)
+        out["test_loss"], out["test_acc"] = evaluate(
+            model, torch.tensor(test_x, device=device), torch.tensor(test_y, device=device),
+            device, config)
+    out["model_pt2"] = export_model(model)
+    out["trainable_params"] = trainable_param_count(model)
+    return out
+
+
+def train_driver_fn(config: TrainConfig) -> dict[str, Any]:
+    """Run one training run end to end and return its summary."""
+    started = time.time()
+    dataset, splits = load_splits(config.data, config.val_size, config.subset, config.seed)
+    print(f"data: {dataset.source.path} ({dataset.source.kind}, "
+          f"{'Parquet cache' if dataset.from_cache else 'decoded'} in {dataset.load_s:.1f}s); "
+          f"split {splits.sizes()}", flush=True)
+    if config.batch_size > len(splits.train_y):
+        raise UsageError(f"--batch-size {config.batch_size} exceeds the {len(splits.train_y)} "
+                         "training images; lower it or train on more images")
+    embedded = connect_ray()
+    config = resolve_hardware(config, embedded)
+    storage_root = storage.absolute(config.storage)
+    run_dir = storage.join(storage_root, config.run_name)
+    check_resumable(run_dir, config, dataset)
+    print(f"run {config.run_name}: {config.model}, {config.epochs} epochs, {config.num_workers} "
+          f"worker(s) x {config.cpus_per_worker} CPU{' + 1 GPU' if config.use_gpu else ''}, "
+          f"writing to {run_dir}", flush=True)
+
+    resources = {"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"config": config.to_dict(), "data": ray.put(splits)},
+        scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers,
+                                               use_gpu=config.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=config.run_name, storage_path=storage_root,
+            # Keeps the best checkpoint by val_acc and, always, the latest one.
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute="val_acc", checkpoint_score_order="max"),
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            # Ray Train's own INFO lines would drown the one-line-per-epoch log.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise TrainingFailed(f"training failed ({str(exc).strip().splitlines()[-1]}); checkpoints "
+                             f"are kept in {run_dir}: run the same command to resume") from exc
+    if result.checkpoint is None:
+        raise TrainingFailed(f"no epoch completed, so {run_dir} has no checkpoint")
+    summary = write_outputs(config, dataset, splits, result, run_dir)
+    summary["wall_s"] = round(time.time() - started, 1)
+    storage.write_bytes(storage.join(run_dir, "summary.json"),
+                        json.dumps(summary, indent=2).encode())
+    print_summary(summary)
+    return summary
+
+
+def write_outputs(config: TrainConfig, dataset: Dataset, splits: Splits,
+                  result: ray.train.Result, run_dir: str) -> dict[str, Any]:
+    """metrics.parquet and best/model.pt2; returns the summary (written last, by the caller)."""
+    history = load_state(result.checkpoint)["history"]
+    best = result.get_best_checkpoint("val_acc", "max")
+    final = ray.get(finalize_best.options(num_cpus=1, num_gpus=1 if config.use_gpu else 0)
+                    .remote(best, config, splits.test_x, splits.test_y))
+    storage.write_bytes(storage.join(run_dir, "best", "model.pt2"), final.pop("model_pt2"))
+
+    prov = provenance()
+    table = pa.Table.from_pandas(pd.DataFrame(history), preserve_index=False)
+    table = table.replace_schema_metadata(
+        {"resnet": json.dumps({"config": config.to_dict(), "provenance": prov})})
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    storage.write_bytes(storage.join(run_dir, "metrics.parquet"), buffer.getvalue())
+
+    best_row = max(history, key=lambda m: m["val_acc"])
+    at_target = [m["epoch"] for m in history if m["val_acc"] >= TARGET_ACC]
+    return {
+        "run": config.run_name,
+        "run_dir": run_dir,
+        "status": "diverged" if history[-1]["diverged"] else (
+            "completed" if history[-1]["epoch"] == config.epochs else "stopped"),
+        "epochs_completed": len(history),
+        "best_val_acc": best_row["val_acc"],
+        "best_epoch": best_row["epoch"],
+        "target_acc": TARGET_ACC,
+        "first_epoch_at_target": at_target[0] if at_target else None,
+        "test_acc": final["test_acc"],
+        "test_loss": final["test_loss"],
+        "final_metrics": history[-1],
+        "best_checkpoint": best.path,
+        "model_export": storage.join(run_dir, "best", "model.pt2"),
+        "trainable_params": final["trainable_params"],
+        "classes": list(splits.classes),
+        "data": {"source": str(dataset.source.path), "kind": dataset.source.kind,
+                 "content_key": dataset.key, "from_cache": dataset.from_cache,
+                 "sizes": splits.sizes()},
+        "config": config.to_dict(),
+        "provenance": prov,
+    }
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    target = summary["first_epoch_at_target"]
+    print(f"best val_acc {summary['best_val_acc']:.4f} at epoch {summary['best_epoch']} of "
+          f"{summary['epochs_completed']} ({summary['status']}); "
+          + (f"passed {summary['target_acc']:.2f} at epoch {target}" if target else
+             f"did not reach {summary['target_acc']:.2f}")
+          + (f"; test_acc {summary['test_acc']:.4f}" if summary["test_acc"] is not None else ""),
+          flush=True)
+    print(f"outputs: {summary['run_dir']}/{{metrics.parquet,summary.json,best/model.pt2}}", flush=True)

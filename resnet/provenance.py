@@ -1,0 +1,44 @@
+"""Provenance kept beside every result: package versions and the git revision of this code."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+PACKAGES = ("torch", "torchvision", "ray", "numpy", "pyarrow", "grad-cam", "pillow")
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_revision() -> str | None:
+    """HEAD of the checkout this code runs from, '+dirty' when it has uncommitted changes.
+
+    ``$RESNET_GIT_REVISION`` wins: a ``ray job submit`` working_dir carries no .git folder.
+    """
+    if os.environ.get("RESNET_GIT_REVISION"):
+        return os.environ["RESNET_GIT_REVISION"]
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return rev + ("+dirty" if dirty else "")
+
+
+def provenance() -> dict[str, object]:
+    return {"versions": package_versions(), "git_revision": git_revision(),
+            "host": platform.node(), "platform": platform.platform()}

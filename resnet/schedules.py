@@ -1,0 +1,66 @@
+"""Learning-rate schedules as pure functions of the global step (0-based) to a learning rate.
+
+The training loop sets the LR of every parameter group before each step, so a resumed run only
+needs the step counter from its checkpoint to continue the schedule exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Sequence
+
+from resnet.config import TrainConfig
+
+Schedule = Callable[[int], float]
+
+
+def _warmup(step: int, warmup_steps: int, peak_lr: float) -> float:
+    # Linear from peak/warmup_steps at step 0 up to the peak at the last warm-up step, so the
+    # very first update already moves the weights.
+    return peak_lr * (step + 1) / warmup_steps
+
+
+def onecycle(step: int, *, total_steps: int, peak_lr: float, warmup_frac: float,
+             final_lr_ratio: float) -> float:
+    """Linear warm-up to ``peak_lr``, then linear decay to ``peak_lr * final_lr_ratio``."""
+    warmup_steps = round(total_steps * warmup_frac)
+    if step < warmup_steps:
+        return _warmup(step, warmup_steps, peak_lr)
+    decay_steps = max(1, total_steps - warmup_steps - 1)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return peak_lr * (1.0 - progress * (1.0 - final_lr_ratio))
+
+
+def cosine(step: int, *, total_steps: int, peak_lr: float, warmup_frac: float,
+           final_lr_ratio: float) -> float:
+    """Linear warm-up to ``peak_lr``, then half a cosine down to ``peak_lr * final_lr_ratio``."""
+    warmup_steps = round(total_steps * warmup_frac)
+    if step < warmup_steps:
+        return _warmup(step, warmup_steps, peak_lr)
+    decay_steps = max(1, total_steps - warmup_steps - 1)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    final_lr = peak_lr * final_lr_ratio
+    return final_lr + (peak_lr - final_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def step_decay(step: int, *, steps_per_epoch: int, base_lr: float,
+               milestones: Sequence[tuple[int, float]]) -> float:
+    """``base_lr`` times every factor whose (1-based) milestone epoch has been reached."""
+    epoch = step // steps_per_epoch + 1
+    lr = base_lr
+    for milestone_epoch, factor in milestones:
+        if epoch >= milestone_epoch:
+            lr *= factor
+    return lr
+
+
+def make_schedule(config: TrainConfig, steps_per_epoch: int) -> Schedule:
+    """The schedule named by ``config.schedule``, bound to this run's step counts."""
+    total_steps = config.epochs * steps_per_epoch
+    if config.schedule == "step":
+        return functools.partial(step_decay, steps_per_epoch=steps_per_epoch,
+                                 base_lr=config.lr, milestones=config.milestones)
+    shape = {"onecycle": onecycle, "cosine": cosine}[config.schedule]
+    return functools.partial(shape, total_steps=total_steps, peak_lr=config.lr,
+                             warmup_frac=config.warmup_frac, final_lr_ratio=config.final_lr_ratio)

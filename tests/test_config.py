@@ -1,0 +1,47 @@
+"""The typed config: presets, overrides, unknown keys and validation."""
+
+import pytest
+
+from resnet.config import TrainConfig, make_config, parse_milestones
+from resnet.errors import UsageError
+
+
+def test_preset_then_overrides():
+    config = make_config("keras", epochs=12)
+    assert (config.optimizer, config.batch_size, config.lr, config.epochs) == ("rmsprop", 32, 0.003, 12)
+    assert config.milestones[0] == (10, 0.5) and config.augment == "keras" and config.l2 == 1e-4
+
+
+def test_round_trip_through_a_plain_dict():
+    config = make_config("keras")
+    assert TrainConfig.from_dict(config.to_dict()) == config
+
+
+def test_unknown_keys_are_rejected():
+    with pytest.raises(UsageError, match="unknown config key.*learning_rate"):
+        TrainConfig.from_dict({"learning_rate": 0.1})
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"epochs": 0}, "--epochs must be at least 1"),
+    ({"lr": -0.1}, "--lr must be positive"),
+    ({"batch_size": 30, "num_workers": 4}, "divisible by --num-workers"),
+    ({"schedule": "step"}, "needs --milestones"),
+    ({"name": "a/b"}, "no path separators"),
+    ({"optimizer": "lbfgs"}, "choose one of sgd, adam, rmsprop"),
+    ({"label_smoothing": 1.5}, "--label-smoothing must be in"),
+])
+def test_invalid_values_are_usage_errors(overrides, message):
+    with pytest.raises(UsageError, match=message):
+        make_config(**overrides)
+
+
+def test_run_name_has_no_timestamp():
+    assert make_config(seed=3).run_name == "resnet20-default-seed3"
+    assert make_config("keras").run_name == make_config("keras").run_name
+
+
+def test_milestones_parse():
+    assert parse_milestones("10:0.5,17:0.9") == ((10, 0.5), (17, 0.9))
+    with pytest.raises(UsageError):
+        parse_milestones("10-0.5")
