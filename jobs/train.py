@@ -41,12 +41,15 @@ def build_parser() -> OneLineParser:
     opt.add_argument("--lr", type=float, help=f"peak (onecycle, cosine) or base (step) learning "
                      f"rate (default {D.lr})")
     opt.add_argument("--momentum", type=float, help=f"SGD momentum (default {D.momentum})")
+    opt.add_argument("--bn-momentum", type=float, help="weight of each batch in BatchNorm's "
+                     f"running statistics, torch convention (default {D.bn_momentum}; keras: 0.01)")
     opt.add_argument("--rho", type=float, help=f"RMSprop decay (default {D.rho})")
     opt.add_argument("--eps", type=float, help=f"Adam/RMSprop epsilon (default {D.eps})")
     opt.add_argument("--weight-decay", type=float, help=f"optimizer weight decay (default {D.weight_decay})")
     opt.add_argument("--l2", type=float, help="Keras-style L2 penalty on conv kernels, added to "
                      f"the loss (default {D.l2})")
-    opt.add_argument("--label-smoothing", type=float, help=f"(default {D.label_smoothing})")
+    opt.add_argument("--label-smoothing", type=float, help="share of the target spread "
+                     f"uniformly over all classes (default {D.label_smoothing})")
     opt.add_argument("--schedule", choices=SCHEDULES, help=f"LR schedule (default {D.schedule})")
     opt.add_argument("--warmup-frac", type=float, help="share of all steps spent warming up "
                      f"linearly (onecycle, cosine; default {D.warmup_frac})")

@@ -33,6 +33,9 @@ class TrainConfig:
     optimizer: str = "sgd"  # sgd (Nesterov momentum), adam or rmsprop
     lr: float = 0.2  # peak LR for onecycle/cosine, base LR for step
     momentum: float = 0.9  # SGD momentum
+    # Weight of each batch in BatchNorm's running statistics (torch convention). Keras' default
+    # momentum 0.99 is 0.01 here: too slow for short runs of few steps, so only `keras` uses it.
+    bn_momentum: float = 0.1
     rho: float = 0.9  # RMSprop decay
     eps: float = 1e-8  # Adam/RMSprop epsilon
     weight_decay: float = 5e-4  # optimizer weight decay (added to the gradient)
@@ -101,6 +104,8 @@ class TrainConfig:
             value = getattr(self, key)
             _check(math.isfinite(value) and value >= 0,
                    f"--{key.replace('_', '-')} must be >= 0, got {value}")
+        _check(0 < self.bn_momentum <= 1,
+               f"--bn-momentum must be in (0, 1], got {self.bn_momentum}")
         _check(0 <= self.rho < 1, f"--rho must be in [0, 1), got {self.rho}")
         _check(0 <= self.label_smoothing < 1,
                f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
@@ -132,7 +137,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # term, Keras shift-and-flip augmentation, LR 0.003 then stepped down from epoch 10 on.
     "keras": {
         "model": "resnet20", "epochs": 50, "batch_size": 32, "optimizer": "rmsprop",
-        "lr": 0.003, "rho": 0.9, "eps": 1e-7, "weight_decay": 0.0, "l2": 1e-4,
+        "lr": 0.003, "rho": 0.9, "eps": 1e-7, "weight_decay": 0.0, "l2": 1e-4, "bn_momentum": 0.01,
         "label_smoothing": 0.0, "schedule": "step", "augment": "keras", "cutout": 0,
         "milestones": ((10, 0.5), (17, 0.9), (24, 0.8), (27, 0.8), (30, 0.7), (37, 0.7), (42, 0.8)),
     },

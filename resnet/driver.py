@@ -136,6 +136,9 @@ def train_driver_fn(config: TrainConfig) -> dict[str, Any]:
     )
     try:
         result = trainer.fit()
+    except SystemExit as exc:
+        # Ray Train's SIGINT handler aborts the run gracefully, then exits from inside fit().
+        raise KeyboardInterrupt(f"interrupted; checkpoints are kept in {run_dir}") from exc
     except ray.train.TrainingFailedError as exc:
         raise TrainingFailed(f"training failed ({str(exc).strip().splitlines()[-1]}); checkpoints "
                              f"are kept in {run_dir}: run the same command to resume") from exc

@@ -167,6 +167,14 @@ def build_model(name: str, num_classes: int = 10) -> nn.Module:
     return _BUILDERS[name](num_classes)
 
 
+def set_bn_momentum(model: nn.Module, momentum: float) -> nn.Module:
+    """Set every BatchNorm's running-statistics momentum (torch convention: weight of the batch)."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = momentum
+    return model
+
+
 def conv_kernels(model: nn.Module) -> list[torch.Tensor]:
     """The conv kernels Keras' kernel_regularizer=l2(...) applies to."""
     return [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]

@@ -26,7 +26,7 @@ from resnet.augment import augment, plan_epoch
 from resnet.checkpoint import load_state, save_state
 from resnet.config import TrainConfig
 from resnet.data import Splits
-from resnet.models import build_model, conv_kernels
+from resnet.models import build_model, conv_kernels, set_bn_momentum
 from resnet.schedules import make_schedule
 
 EVAL_BATCH = 1024  # images per forward pass when evaluating
@@ -111,7 +111,8 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         torch.backends.cudnn.benchmark = True  # fixed 32 x 32 inputs: pick the fastest kernels
 
     torch.manual_seed(config.seed)  # same initial weights on every rank (DDP also broadcasts)
-    net = build_model(config.model, num_classes=len(splits.classes))
+    net = set_bn_momentum(build_model(config.model, num_classes=len(splits.classes)),
+                          config.bn_momentum)
     if device.type == "cuda" and config.channels_last:
         net = net.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(net)  # moves to device; DDP when world > 1

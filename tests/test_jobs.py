@@ -1,0 +1,91 @@
+"""End-to-end tier: ``python -m jobs.train`` as a user runs it, on real CIFAR-10 images."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from jobs.train import build_parser
+from resnet.checkpoint import load_state, model_from_state
+from resnet.data import load_splits
+from tests.conftest import ROOT, run_job
+
+pytestmark = pytest.mark.e2e
+
+# Loads the export in a fresh interpreter that cannot import this project (cwd outside the
+# repository, no PYTHONPATH), and proves it by the absence of `resnet` in sys.modules.
+LOAD_EXPORT = """
+import sys, numpy as np, torch
+program = torch.export.load(sys.argv[1]).module()
+x = torch.from_numpy(np.load(sys.argv[2]))
+np.save(sys.argv[3], program(x).detach().numpy())
+assert not any(m == "resnet" or m.startswith("resnet.") for m in sys.modules), "project imported"
+"""
+
+
+def test_train_job_two_cpu_workers_on_a_real_subset(shared_archive, tmp_path):
+    storage = tmp_path / "runs"
+    proc = run_job("jobs.train", "--data", str(shared_archive), "--subset", "4000", "--epochs", "2",
+                   "--num-workers", "2", "--cpu", "--batch-size", "64", "--lr", "0.05",
+                   "--storage", str(storage), "--name", "e2e")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    assert "Epoch 1/2 - " in log and "Epoch 2/2 - " in log and "val_acc improved from" in log
+
+    run_dir = storage / "e2e"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    metrics = pd.read_parquet(run_dir / "metrics.parquet")
+    assert metrics["epoch"].tolist() == [1, 2]
+    assert summary["best_val_acc"] == metrics["val_acc"].max() > 0.25
+    assert summary["config"]["num_workers"] == 2 and summary["data"]["sizes"]["train"] == 4000
+    assert summary["epochs_completed"] == 2 and summary["status"] == "completed"
+    assert set(summary["provenance"]["versions"]) >= {"torch", "ray", "torchvision"}
+    assert (run_dir / "checkpoint_manager_snapshot.json").is_file()  # Ray Train's run directory
+    best = load_state(summary["best_checkpoint"])
+    assert best["epoch"] == summary["best_epoch"] and best["best_val_acc"] == summary["best_val_acc"]
+
+    # The exported model gives the in-memory model's logits, in a process without this project.
+    _, splits = load_splits(str(shared_archive), 5000, 4000, 0)
+    batch = splits.val_x[:64].astype(np.float32) / 255
+    np.save(tmp_path / "x.npy", batch)
+    with torch.no_grad():
+        expected = model_from_state(best)(torch.from_numpy(batch)).numpy()
+    subprocess.run([sys.executable, "-c", LOAD_EXPORT, str(run_dir / "best" / "model.pt2"),
+                    str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+                   cwd=tmp_path, check=True, env={"PATH": "/usr/bin:/bin"}, timeout=300)
+    logits = np.load(tmp_path / "y.npy")
+    assert logits.shape == (64, 10)
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+    assert (logits.argmax(1) == splits.val_y[:64]).mean() > 0.2
+
+
+def test_help_documents_every_flag():
+    proc = run_job("jobs.train", "--help")
+    assert proc.returncode == 0
+    readme = (ROOT / "README.md").read_text()
+    for action in build_parser()._actions:
+        for flag in action.option_strings:
+            assert flag in proc.stdout, flag
+            if flag.startswith("--") and flag != "--help":
+                assert f"`{flag}" in readme, f"{flag} is not documented in README.md"
+        assert action.help, action.option_strings
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--lr", "-1"], "--lr must be positive"),
+    (["--name", "a/b"], "no path separators"),
+    (["--model", "resnet50"], "invalid choice: 'resnet50'"),
+    (["--batch-size", "3", "--num-workers", "2"], "divisible by --num-workers"),
+])
+def test_bad_flags_are_one_line_usage_errors(args, message, tmp_path):
+    proc = run_job("jobs.train", *args, "--storage", str(tmp_path))
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert not any(tmp_path.iterdir())
