@@ -52,7 +52,7 @@ def build_parser() -> OneLineParser:
                      f"uniformly over all classes (default {D.label_smoothing})")
     opt.add_argument("--schedule", choices=SCHEDULES, help=f"LR schedule (default {D.schedule})")
     opt.add_argument("--warmup-frac", type=float, help="share of all steps spent warming up "
-                     f"linearly (onecycle, cosine; default {D.warmup_frac})")
+                     f"linearly, any schedule (default {D.warmup_frac}; keras: 0)")
     opt.add_argument("--final-lr-ratio", type=float, help="final LR as a fraction of the peak "
                      f"(onecycle, cosine; default {D.final_lr_ratio})")
     opt.add_argument("--milestones", type=parse_milestones_arg, help="step schedule: 1-based "
@@ -69,6 +69,8 @@ def build_parser() -> OneLineParser:
                         help="one GPU per worker (default: when the cluster has GPUs)")
     device.add_argument("--cpu", dest="use_gpu", action="store_const", const=False,
                         help="train on CPUs even when GPUs exist")
+    hw.add_argument("--gpus-per-worker", type=float, help="GPUs per worker with --gpu; a "
+                    "fraction below 1 needs --num-workers 1 (default 1)")
     hw.add_argument("--cpus-per-worker", type=int, help="CPUs (and torch threads) per worker "
                     "(default: the machine's CPUs divided by --num-workers)")
     hw.add_argument("--no-amp", dest="amp", action="store_const", const=False,

@@ -14,6 +14,9 @@ MODELS = ("resnet20", "resnet18", "tiny")
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
 SCHEDULES = ("onecycle", "cosine", "step")
 AUGMENTS = ("crop", "keras", "none")
+# The grad-cam package's methods offered by --gradcam-method / --method (resnet/gradcam.py).
+CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam",
+               "eigengradcam", "elementwise", "scorecam", "ablationcam")
 TARGET_ACC = 0.88  # the accuracy the project aims to pass; summary.json records when it was
 
 
@@ -42,7 +45,7 @@ class TrainConfig:
     l2: float = 0.0  # Keras-style L2 penalty on conv kernels, added to the loss
     label_smoothing: float = 0.1
     schedule: str = "onecycle"
-    warmup_frac: float = 0.15  # share of all steps spent warming up (onecycle, cosine)
+    warmup_frac: float = 0.15  # share of all steps spent warming up linearly (every schedule)
     final_lr_ratio: float = 0.0  # last LR as a fraction of the peak (onecycle, cosine)
     # step schedule: (1-based epoch, factor) pairs; from that epoch on the LR is multiplied.
     milestones: tuple[tuple[int, float], ...] = ()
@@ -52,6 +55,8 @@ class TrainConfig:
     # Hardware.
     num_workers: int = 1
     use_gpu: bool | None = None  # None: use GPUs when the cluster has any
+    # GPUs per worker; a fraction packs several 1-worker runs (Tune trials) onto one GPU.
+    gpus_per_worker: float = 1.0
     cpus_per_worker: int | None = None  # None: share the machine's CPUs between the workers
     amp: bool = True  # bf16 autocast on CUDA (no effect on CPU)
     channels_last: bool = True  # channels_last memory format on CUDA (no effect on CPU)
@@ -121,6 +126,14 @@ class TrainConfig:
         _check(self.val_size >= 1, f"--val-size must be at least 1, got {self.val_size}")
         _check(self.subset is None or self.subset >= 1, f"--subset must be positive, got {self.subset}")
         _check(self.max_failures >= -1, f"--max-failures must be >= -1, got {self.max_failures}")
+        _check(self.gpus_per_worker > 0 and (self.gpus_per_worker <= 1
+                                             or float(self.gpus_per_worker).is_integer()),
+               f"--gpus-per-worker must be a fraction up to 1 or a whole number, "
+               f"got {self.gpus_per_worker}")
+        _check(self.gpus_per_worker >= 1 or self.num_workers == 1,
+               f"--gpus-per-worker {self.gpus_per_worker:g} with {self.num_workers} workers: "
+               "fractions below 1 need exactly 1 worker (NCCL cannot share a GPU between the "
+               "ranks of one group); use whole GPUs or --num-workers 1")
         _check(self.cpus_per_worker is None or self.cpus_per_worker >= 1,
                f"--cpus-per-worker must be at least 1, got {self.cpus_per_worker}")
         _check(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.run_name)),
@@ -138,7 +151,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "keras": {
         "model": "resnet20", "epochs": 50, "batch_size": 32, "optimizer": "rmsprop",
         "lr": 0.003, "rho": 0.9, "eps": 1e-7, "weight_decay": 0.0, "l2": 1e-4, "bn_momentum": 0.01,
-        "label_smoothing": 0.0, "schedule": "step", "augment": "keras", "cutout": 0,
+        "label_smoothing": 0.0, "schedule": "step", "warmup_frac": 0.0, "augment": "keras", "cutout": 0,
         "milestones": ((10, 0.5), (17, 0.9), (24, 0.8), (27, 0.8), (30, 0.7), (37, 0.7), (42, 0.8)),
     },
 }

@@ -30,8 +30,8 @@ from resnet.provenance import provenance
 from resnet.train import evaluate, train_fn_per_worker
 
 # Keys that may change between a run and its resumption: where and on what it runs.
-NON_IDENTITY_KEYS = {"num_workers", "use_gpu", "cpus_per_worker", "amp", "channels_last",
-                     "storage", "name", "data", "max_failures"}
+NON_IDENTITY_KEYS = {"num_workers", "use_gpu", "gpus_per_worker", "cpus_per_worker", "amp",
+                     "channels_last", "storage", "name", "data", "max_failures"}
 
 
 def connect_ray() -> bool:
@@ -42,8 +42,19 @@ def connect_ray() -> bool:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
         return False
-    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
+    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
+             runtime_env={"worker_process_setup_hook": "resnet.driver.pin_ray_address"})
     return True
+
+
+def pin_ray_address() -> None:
+    """Runs in every worker of the embedded Ray: names this cluster in RAY_ADDRESS.
+
+    Ray Train's PlacementGroupCleaner asks the state API whether a trial's controller is alive,
+    and the state API finds "the" local cluster by address; with a second Ray on the machine it
+    fails, and an early-stopped trial's placement group would hold its CPUs for good.
+    """
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 def resolve_hardware(config: TrainConfig, embedded: bool) -> TrainConfig:
@@ -53,9 +64,11 @@ def resolve_hardware(config: TrainConfig, embedded: bool) -> TrainConfig:
     use_gpu = config.use_gpu if config.use_gpu is not None else total.get("GPU", 0) > 0
     cpus = config.cpus_per_worker or max(1, int(node_cpus) // config.num_workers)
     if embedded:  # a real cluster may autoscale; the local one will not
-        if use_gpu and total.get("GPU", 0) < config.num_workers:
-            raise UsageError(f"--gpu with {config.num_workers} worker(s) needs as many GPUs; this "
-                             f"machine has {int(total.get('GPU', 0))} (use --cpu or fewer workers)")
+        needed = config.num_workers * config.gpus_per_worker
+        if use_gpu and total.get("GPU", 0) < needed:
+            raise UsageError(f"--gpu with {config.num_workers} worker(s) x "
+                             f"{config.gpus_per_worker:g} GPU needs {needed:g} GPUs; this machine "
+                             f"has {int(total.get('GPU', 0))} (use --cpu or fewer workers)")
         if cpus * config.num_workers > total.get("CPU", 0):
             raise UsageError(f"{config.num_workers} worker(s) x {cpus} CPU(s) do not fit the "
                              f"{int(total.get('CPU', 0))} CPUs of this machine; lower "
@@ -99,6 +112,38 @@ def finalize_best(checkpoint: ray.train.Checkpoint, config: TrainConfig,
     return out
 
 
+def make_trainer(config: TrainConfig, data_ref: ray.ObjectRef, name: str, storage_path: str,
+                 callbacks: list | None = None, log_prefix: str = "") -> TorchTrainer:
+    """The ``TorchTrainer`` of one run: ``config.num_workers`` DDP workers running
+    ``train_fn_per_worker``, keeping the best checkpoint by val_acc plus the latest."""
+    resources = {"CPU": config.cpus_per_worker,
+                 **({"GPU": config.gpus_per_worker} if config.use_gpu else {})}
+    return TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"config": config.to_dict(), "data": data_ref, "log_prefix": log_prefix},
+        scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers,
+                                               use_gpu=config.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage_path, callbacks=callbacks,
+            # num_to_keep=1 with a score keeps the best by val_acc; Ray always keeps the latest too.
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute="val_acc", checkpoint_score_order="max"),
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            # Ray Train's own INFO lines would drown the one-line-per-epoch log.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
+    )
+
+
+def export_best(checkpoint: ray.train.Checkpoint, config: TrainConfig, splits: Splits,
+                out_dir: str) -> dict[str, Any]:
+    """Write ``<out_dir>/best/model.pt2`` from a checkpoint; return test accuracy and size."""
+    final = ray.get(finalize_best.options(num_cpus=1, num_gpus=1 if config.use_gpu else 0)
+                    .remote(checkpoint, config, splits.test_x, splits.test_y))
+    storage.write_bytes(storage.join(out_dir, "best", "model.pt2"), final.pop("model_pt2"))
+    return final
+
+
 def train_driver_fn(config: TrainConfig) -> dict[str, Any]:
     """Run one training run end to end and return its summary."""
     started = time.time()
@@ -106,34 +151,18 @@ def train_driver_fn(config: TrainConfig) -> dict[str, Any]:
     print(f"data: {dataset.source.path} ({dataset.source.kind}, "
           f"{'Parquet cache' if dataset.from_cache else 'decoded'} in {dataset.load_s:.1f}s); "
           f"split {splits.sizes()}", flush=True)
-    if config.batch_size > len(splits.train_y):
-        raise UsageError(f"--batch-size {config.batch_size} exceeds the {len(splits.train_y)} "
-                         "training images; lower it or train on more images")
+    check_batch_fits(config, splits)
     embedded = connect_ray()
     config = resolve_hardware(config, embedded)
     storage_root = storage.absolute(config.storage)
     run_dir = storage.join(storage_root, config.run_name)
     check_resumable(run_dir, config, dataset)
     print(f"run {config.run_name}: {config.model}, {config.epochs} epochs, {config.num_workers} "
-          f"worker(s) x {config.cpus_per_worker} CPU{' + 1 GPU' if config.use_gpu else ''}, "
+          f"worker(s) x {config.cpus_per_worker} CPU"
+          f"{f' + {config.gpus_per_worker:g} GPU' if config.use_gpu else ''}, "
           f"writing to {run_dir}", flush=True)
 
-    resources = {"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}
-    trainer = TorchTrainer(
-        train_fn_per_worker,
-        train_loop_config={"config": config.to_dict(), "data": ray.put(splits)},
-        scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers,
-                                               use_gpu=config.use_gpu,
-                                               resources_per_worker=resources),
-        run_config=ray.train.RunConfig(
-            name=config.run_name, storage_path=storage_root,
-            # Keeps the best checkpoint by val_acc and, always, the latest one.
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute="val_acc", checkpoint_score_order="max"),
-            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
-            # Ray Train's own INFO lines would drown the one-line-per-epoch log.
-            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
-    )
+    trainer = make_trainer(config, ray.put(splits), config.run_name, storage_root)
     try:
         result = trainer.fit()
     except SystemExit as exc:
@@ -152,14 +181,18 @@ def train_driver_fn(config: TrainConfig) -> dict[str, Any]:
     return summary
 
 
+def check_batch_fits(config: TrainConfig, splits: Splits) -> None:
+    if config.batch_size > len(splits.train_y):
+        raise UsageError(f"--batch-size {config.batch_size} exceeds the {len(splits.train_y)} "
+                         "training images; lower it or train on more images")
+
+
 def write_outputs(config: TrainConfig, dataset: Dataset, splits: Splits,
                   result: ray.train.Result, run_dir: str) -> dict[str, Any]:
     """metrics.parquet and best/model.pt2; returns the summary (written last, by the caller)."""
     history = load_state(result.checkpoint)["history"]
     best = result.get_best_checkpoint("val_acc", "max")
-    final = ray.get(finalize_best.options(num_cpus=1, num_gpus=1 if config.use_gpu else 0)
-                    .remote(best, config, splits.test_x, splits.test_y))
-    storage.write_bytes(storage.join(run_dir, "best", "model.pt2"), final.pop("model_pt2"))
+    final = export_best(best, config, splits, run_dir)
 
     prov = provenance()
     table = pa.Table.from_pandas(pd.DataFrame(history), preserve_index=False)

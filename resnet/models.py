@@ -158,6 +158,8 @@ class TinyNet(nn.Module):
 
 
 _BUILDERS = {"resnet20": ResNet20, "resnet18": ResNet18, "tiny": TinyNet}
+# The last residual stage (the last feature stage for tiny): Grad-CAM's target layer.
+_LAST_STAGE = {ResNet20: "stage3", ResNet18: "layer4", TinyNet: "features"}
 
 
 def build_model(name: str, num_classes: int = 10) -> nn.Module:
@@ -165,6 +167,11 @@ def build_model(name: str, num_classes: int = 10) -> nn.Module:
     if name not in _BUILDERS:
         raise UsageError(f"unknown model {name!r}; known models: {', '.join(_BUILDERS)}")
     return _BUILDERS[name](num_classes)
+
+
+def last_stage(model: nn.Module) -> nn.Module:
+    """The last residual stage of an unwrapped model (N x C x 8 x 8 for resnet20)."""
+    return getattr(model, _LAST_STAGE[type(model)])
 
 
 def set_bn_momentum(model: nn.Module, momentum: float) -> nn.Module:

@@ -45,8 +45,11 @@ def cosine(step: int, *, total_steps: int, peak_lr: float, warmup_frac: float,
 
 
 def step_decay(step: int, *, steps_per_epoch: int, base_lr: float,
-               milestones: Sequence[tuple[int, float]]) -> float:
-    """``base_lr`` times every factor whose (1-based) milestone epoch has been reached."""
+               milestones: Sequence[tuple[int, float]], warmup_steps: int = 0) -> float:
+    """``base_lr`` times every factor whose (1-based) milestone epoch has been reached, after
+    an optional linear warm-up (none in the Keras recipe)."""
+    if step < warmup_steps:
+        return _warmup(step, warmup_steps, base_lr)
     epoch = step // steps_per_epoch + 1
     lr = base_lr
     for milestone_epoch, factor in milestones:
@@ -60,7 +63,8 @@ def make_schedule(config: TrainConfig, steps_per_epoch: int) -> Schedule:
     total_steps = config.epochs * steps_per_epoch
     if config.schedule == "step":
         return functools.partial(step_decay, steps_per_epoch=steps_per_epoch,
-                                 base_lr=config.lr, milestones=config.milestones)
+                                 base_lr=config.lr, milestones=config.milestones,
+                                 warmup_steps=round(total_steps * config.warmup_frac))
     shape = {"onecycle": onecycle, "cosine": cosine}[config.schedule]
     return functools.partial(shape, total_steps=total_steps, peak_lr=config.lr,
                              warmup_frac=config.warmup_frac, final_lr_ratio=config.final_lr_ratio)

@@ -97,9 +97,11 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 
 def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry point. ``loop_config``: {"config": TrainConfig dict, "data": ObjectRef}."""
+    """Ray Train entry point. ``loop_config``: {"config": TrainConfig dict, "data": ObjectRef
+    of the Splits, "log_prefix": text before each log line (the trial id under Tune)}."""
     quiet_ray_train_reports()
     config = TrainConfig.from_dict(loop_config["config"])
+    prefix = loop_config.get("log_prefix", "")
     splits: Splits = ray.get(loop_config["data"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -131,7 +133,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         start_epoch, step = state["epoch"], state["step"]
         best_acc, best_epoch, history = state["best_val_acc"], state["best_epoch"], state["history"]
         if rank == 0:
-            log.info(f"Resuming from epoch {start_epoch} (step {step}) of {config.epochs}")
+            log.info(f"{prefix}Resuming from epoch {start_epoch} (step {step}) of {config.epochs}")
         if history and history[-1].get("diverged"):
             return
 
@@ -177,7 +179,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         if val_acc > best_acc:
             best_acc, best_epoch = val_acc, epoch + 1
         if rank == 0:
-            log_epoch(metrics, config.epochs, previous_best)
+            log_epoch(metrics, config.epochs, previous_best, prefix)
         report(metrics, rank, {
             "model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
             "step": step, "best_val_acc": best_acc, "best_epoch": best_epoch, "history": history,
@@ -197,15 +199,16 @@ def report(metrics: dict[str, Any], rank: int, state: dict[str, Any]) -> None:
                          checkpoint_dir_name=f"epoch_{metrics['epoch']:04d}")
 
 
-def log_epoch(m: dict[str, Any], epochs: int, previous_best: float) -> None:
-    log.info(epoch_line(m, epochs))
+def log_epoch(m: dict[str, Any], epochs: int, previous_best: float, prefix: str = "") -> None:
+    log.info(prefix + epoch_line(m, epochs))
     if m["diverged"]:
-        log.info(f"loss is {m['loss']} at epoch {m['epoch']}: the run diverged and stops here "
-                 "(try a lower --lr)")
+        log.info(f"{prefix}loss is {m['loss']} at epoch {m['epoch']}: the run diverged and stops "
+                 "here (try a lower --lr)")
     elif m["val_acc"] > previous_best:
-        log.info(f"val_acc improved from {previous_best:.5f} to {m['val_acc']:.5f}, saving checkpoint")
+        log.info(f"{prefix}val_acc improved from {previous_best:.5f} to {m['val_acc']:.5f}, "
+                 "saving checkpoint")
     else:
-        log.info(f"val_acc did not improve from {previous_best:.5f}")
+        log.info(f"{prefix}val_acc did not improve from {previous_best:.5f}")
 
 
 def quiet_ray_train_reports() -> None:

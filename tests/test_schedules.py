@@ -43,6 +43,8 @@ def test_step_decay_is_pure():
     kw = dict(steps_per_epoch=10, base_lr=1.0, milestones=((2, 0.5), (3, 0.1)))
     assert [step_decay(s, **kw) for s in (0, 9, 10, 19, 20)] == pytest.approx([1, 1, 0.5, 0.5, 0.05])
     assert step_decay(15, **kw) == step_decay(15, **kw)
+    # With a warm-up, the first steps ramp linearly up to the base LR.
+    assert [step_decay(s, **kw, warmup_steps=4) for s in (0, 3, 4)] == pytest.approx([0.25, 1, 1])
 
 
 def test_make_schedule_spans_the_whole_run():
