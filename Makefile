@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: venv
-	$(PY) -m jobs.train $(ARGS)
+	$(PY) -m jobs.tune $(ARGS)
 
 test: venv
 	$(PY) -m pytest -q tests

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -11,7 +12,6 @@ import pandas as pd
 import pytest
 import torch
 
-from jobs.train import build_parser
 from resnet.checkpoint import load_state, model_from_state
 from resnet.data import load_splits
 from tests.conftest import ROOT, run_job
@@ -65,15 +65,18 @@ def test_train_job_two_cpu_workers_on_a_real_subset(shared_archive, tmp_path):
     assert (logits.argmax(1) == splits.val_y[:64]).mean() > 0.2
 
 
-def test_help_documents_every_flag():
-    proc = run_job("jobs.train", "--help")
+@pytest.mark.parametrize("job", ["jobs.train", "jobs.tune", "jobs.gradcam"])
+def test_help_and_readme_document_every_flag(job):
+    proc = run_job(job, "--help")
     assert proc.returncode == 0
+    # The job's own README section: from its heading to the next second-level heading.
     readme = (ROOT / "README.md").read_text()
-    for action in build_parser()._actions:
+    section = readme.split(f"## `python -m {job}`", 1)[1].split("\n## ", 1)[0]
+    for action in importlib.import_module(job).build_parser()._actions:
         for flag in action.option_strings:
             assert flag in proc.stdout, flag
             if flag.startswith("--") and flag != "--help":
-                assert f"`{flag}" in readme, f"{flag} is not documented in README.md"
+                assert f"`{flag}`" in section, f"{job} {flag} is not documented in README.md"
         assert action.help, action.option_strings
 
 

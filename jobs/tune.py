@@ -1,0 +1,89 @@
+"""python -m jobs.tune: the main job. A Ray Tune sweep of the learning-rate schedule (one
+TorchTrainer per trial), then the best model's export and Grad-CAM."""
+
+from __future__ import annotations
+
+import sys
+
+from resnet.config import CAM_METHODS, MODELS, OPTIMIZERS
+from resnet.errors import OneLineParser, run_main
+
+SWEEP_KEYS = ("samples", "target", "scheduler", "grace_period", "max_concurrent", "space",
+              "keras_trial", "gradcam_images", "gradcam_method", "resume")
+
+
+def build_parser() -> OneLineParser:
+    p = OneLineParser(
+        prog="python -m jobs.tune",
+        description="Search the learning-rate schedule with Ray Tune (one Ray Train run per "
+                    "trial, ASHA early stopping), export the best model and render Grad-CAM. "
+                    "Writes <storage>/<name>/: Tune's experiment, train_runs/, trials.parquet, "
+                    "summary.json, best/model.pt2 and gradcam/.",
+        epilog="Defaults fit the hardware: with GPUs 16 trials x 50 epochs on all images plus "
+               "the keras trial; CPU only: 4 trials x 3 epochs on a 4,000-image subset with a "
+               "2,000-image validation split. Flags override the profile.")
+    g = p.add_argument_group("sweep")
+    g.add_argument("--samples", type=int, help="trials sampled from the space (GPU 16, CPU 4)")
+    g.add_argument("--epochs", type=int, help="epochs per trial, the schedule's length (GPU 50, CPU 3)")
+    g.add_argument("--target", type=float, help="val_acc the sweep aims to pass (default 0.88)")
+    g.add_argument("--scheduler", choices=("asha", "fifo"),
+                   help="asha stops weak trials early, fifo runs all to the end (default asha)")
+    g.add_argument("--grace-period", type=int, help="ASHA: epochs every trial runs before it may "
+                   "be stopped (default: a fifth of --epochs, at least 1)")
+    g.add_argument("--max-concurrent", type=int, help="trials at a time (default: as many as the "
+                   "cluster's CPUs or GPUs hold)")
+    g.add_argument("--space", help="YAML or JSON file laid over the default search space "
+                   "(see README)")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, help="optimizer of every searched trial; "
+                   "picks the LR range (default sgd)")
+    keras = g.add_mutually_exclusive_group()
+    keras.add_argument("--keras-trial", dest="keras_trial", action="store_const", const=True,
+                       help="add the original Keras recipe as one fixed trial (GPU default)")
+    keras.add_argument("--no-keras-trial", dest="keras_trial", action="store_const", const=False,
+                       help="leave the Keras trial out (CPU default)")
+    g.add_argument("--resume", action="store_true", help="continue the sweep in <storage>/<name>: "
+                   "finished trials are kept, unfinished ones continue from their checkpoints")
+    g.add_argument("--gradcam-images", type=int, help="held-out images explained with Grad-CAM "
+                   "after the sweep, one per class first; 0 = none (default 10)")
+    g.add_argument("--gradcam-method", choices=CAM_METHODS, help="CAM method (default gradcam)")
+
+    d = p.add_argument_group("data and model")
+    d.add_argument("--data", help="data source, as for jobs.train (default: $CIFAR10_DATA, else "
+                   "torchvision's download)")
+    d.add_argument("--model", choices=MODELS, help="architecture (default resnet20)")
+    d.add_argument("--subset", type=int, help="train on a stratified subset (GPU: all, CPU 4000)")
+    d.add_argument("--val-size", type=int, help="validation images carved from train (GPU 5000, "
+                   "CPU 2000)")
+    d.add_argument("--seed", type=int, help="seed of splits, sampling and training (default 0)")
+
+    h = p.add_argument_group("hardware and storage")
+    h.add_argument("--num-workers", type=int, help="Ray Train workers per trial (default 1)")
+    device = h.add_mutually_exclusive_group()
+    device.add_argument("--gpu", dest="use_gpu", action="store_const", const=True,
+                        help="train on GPUs (default: when the cluster has any)")
+    device.add_argument("--cpu", dest="use_gpu", action="store_const", const=False,
+                        help="train on CPUs even when GPUs exist")
+    h.add_argument("--gpus-per-worker", type=float, help="GPUs per worker; 0.25 packs 4 one-worker "
+                   "trials on a GPU; fractions need --num-workers 1 (default 1)")
+    h.add_argument("--cpus-per-worker", type=int, help="CPUs (and torch threads) per worker "
+                   "(default: CPU 1, GPU the CPUs per GPU times --gpus-per-worker)")
+    h.add_argument("--storage", help="root folder or URI for sweeps (default results)")
+    h.add_argument("--name", help="sweep name, no timestamp (default tune-<model>-<profile>-seed<seed>)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+
+    def run() -> int:
+        from resnet.tune import make_sweep, run_sweep  # imports Ray and torch: after parsing
+        sweep_flags = {k: args.pop(k) for k in SWEEP_KEYS}
+        sweep_flags["resume"] = sweep_flags["resume"] or None
+        run_sweep(make_sweep(args, sweep_flags))
+        return 0
+
+    return run_main("jobs.tune", run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""A sweep's results as tables: one row per trial and epoch, read through Ray Tune's own
+``ExperimentAnalysis`` (so a sweep that is still running reads too), the winner, the console table."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+from ray.tune import ExperimentAnalysis
+
+from resnet.config import TrainConfig
+from resnet.space import RECIPE_KEY, trial_config
+
+METRICS = ("epoch", "lr", "loss", "acc", "val_loss", "val_acc", "epoch_s", "samples_per_s",
+           "step", "diverged", "checkpoint_path", "time_total_s")
+TABLE_KEYS = ("schedule", "lr", "batch_size", "weight_decay", "label_smoothing", "warmup_frac",
+              "final_lr_ratio")
+
+
+@dataclass
+class SweepResults:
+    """``trials``: one row per (trial, epoch) with ``trial_id``, ``status``, ``config/<key>`` and
+    every metric; ``best``: the row with the highest val_acc of any trial that did not diverge."""
+
+    trials: pd.DataFrame
+    configs: dict[str, TrainConfig]  # by trial id
+    best: dict[str, Any] | None
+    first_epoch_per_trial: dict[str, int | None]
+    first_at_target: dict[str, Any] | None
+
+
+def trial_status(tune_status: str, rows: pd.DataFrame, epochs: int) -> str:
+    """completed, early-stopped (ASHA), diverged (NaN/inf loss), failed, or running/pending."""
+    if len(rows) and rows["diverged"].fillna(False).astype(bool).any():
+        return "diverged"
+    if tune_status == "ERROR":
+        return "failed"
+    if tune_status == "TERMINATED":
+        return "completed" if len(rows) and rows["epoch"].max() >= epochs else "early-stopped"
+    return tune_status.lower()  # RUNNING, PENDING, PAUSED: the sweep is still going
+
+
+def collect_results(exp_dir: str, base: TrainConfig, target: float) -> SweepResults:
+    """Every trial of the experiment in ``exp_dir``, as rows, plus the winner."""
+    analysis = ExperimentAnalysis(exp_dir)
+    frames, configs = [], {}
+    for trial in analysis.trials:
+        rows = analysis.trial_dataframes.get(trial.trial_id)
+        rows = pd.DataFrame(columns=list(METRICS)) if rows is None or rows.empty else rows
+        rows = rows.reindex(columns=list(METRICS)).copy()
+        if "epoch" in rows and len(rows):  # a resumed trial may re-report an epoch: keep the last
+            rows = rows.drop_duplicates("epoch", keep="last")
+        config = configs[trial.trial_id] = trial_config(base, trial.config)
+        status = trial_status(trial.status, rows, config.epochs)
+        if rows.empty:  # a trial without a single epoch still gets its row
+            rows = pd.DataFrame([{key: None for key in METRICS}])
+        meta = {"trial_id": trial.trial_id, "status": status,
+                RECIPE_KEY: trial.config.get(RECIPE_KEY, "search"),
+                **{f"config/{k}": json.dumps(v) if isinstance(v, list) else v
+                   for k, v in config.to_dict().items()}}
+        frames.append(rows.assign(**meta))
+    columns = ["trial_id", "status", RECIPE_KEY, *METRICS]
+    trials = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+    trials = trials[columns + [c for c in trials.columns if c not in columns]]
+    trials["epoch"] = trials["epoch"].astype("Int64")
+    # Restored experiments list their trials in another order: sort, so files compare equal.
+    trials = trials.sort_values(["trial_id", "epoch"], kind="stable").reset_index(drop=True)
+    return SweepResults(trials=trials, configs=configs, best=best_row(trials),
+                        first_epoch_per_trial=first_epochs(trials, target),
+                        first_at_target=first_at_target(trials, target))
+
+
+def best_row(trials: pd.DataFrame) -> dict[str, Any] | None:
+    """Max val_acc over every epoch of every trial that did not diverge; ties: earliest epoch."""
+    ok = trials[(trials["status"] != "diverged") & trials["val_acc"].notna()
+                & trials["checkpoint_path"].notna()]
+    ok = ok[ok["val_acc"].map(lambda v: math.isfinite(float(v)))]
+    if ok.empty:
+        return None
+    row = ok.sort_values(["val_acc", "epoch"], ascending=[False, True], kind="stable").iloc[0]
+    return {key: _plain(row[key]) for key in ("trial_id", "epoch", "val_acc", "checkpoint_path")}
+
+
+def first_epochs(trials: pd.DataFrame, target: float) -> dict[str, int | None]:
+    out: dict[str, int | None] = {}
+    for trial_id, rows in trials.groupby("trial_id", sort=False):
+        hit = rows[rows["val_acc"].astype(float) >= target]
+        out[trial_id] = int(hit["epoch"].min()) if len(hit) else None
+    return out
+
+
+def first_at_target(trials: pd.DataFrame, target: float) -> dict[str, Any] | None:
+    hits = [(epoch, trial) for trial, epoch in first_epochs(trials, target).items()
+            if epoch is not None]
+    if not hits:
+        return None
+    epoch, trial = min(hits)
+    return {"trial_id": trial, "epoch": epoch}
+
+
+def per_trial(trials: pd.DataFrame, target: float) -> pd.DataFrame:
+    """One row per trial: key hyperparameters, best val_acc and its epoch, sorted best first."""
+    rows = []
+    first = first_epochs(trials, target)
+    for trial_id, group in trials.groupby("trial_id", sort=False):
+        scored = group[group["val_acc"].notna()]
+        top = scored.loc[scored["val_acc"].astype(float).idxmax()] if len(scored) else None
+        head = group.iloc[0]
+        rows.append({
+            "trial": trial_id, "status": head["status"],
+            "recipe": head[RECIPE_KEY] if head[RECIPE_KEY] != "search" else head["config/schedule"],
+            **{key: head[f"config/{key}"] for key in TABLE_KEYS if key != "schedule"},
+            "best_val_acc": float(top["val_acc"]) if top is not None else math.nan,
+            "best_epoch": int(top["epoch"]) if top is not None else None,
+            "first_at_target": first[trial_id],
+            "epochs": int(scored["epoch"].max()) if len(scored) else 0,
+        })
+    table = pd.DataFrame(rows)
+    return table.sort_values("best_val_acc", ascending=False, na_position="last",
+                             kind="stable").reset_index(drop=True) if len(table) else table
+
+
+def print_table(results: SweepResults, target: float) -> None:
+    table = per_trial(results.trials, target)
+    with pd.option_context("display.width", 160, "display.max_columns", 20,
+                           "display.float_format", "{:.4g}".format):
+        print(table.to_string(index=False), flush=True)
+    hit = results.first_at_target
+    best = results.best
+    if hit:
+        print(f"target val_acc {target:.2f} reached by trial {hit['trial_id']} at epoch "
+              f"{hit['epoch']}; best {best['val_acc']:.4f} (trial {best['trial_id']}, epoch "
+              f"{best['epoch']})", flush=True)
+    elif best:
+        print(f"target val_acc {target:.2f} not reached; best {best['val_acc']:.4f} "
+              f"(trial {best['trial_id']}, epoch {best['epoch']})", flush=True)
+
+
+def _plain(value: Any) -> Any:
+    """numpy/pandas scalars to plain Python (for JSON)."""
+    return value.item() if hasattr(value, "item") else value

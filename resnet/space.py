@@ -1,0 +1,173 @@
+"""The Tune search space over the learning-rate schedule, and how a sample becomes a TrainConfig.
+
+A space maps ``TrainConfig`` keys to a constant or to one distribution::
+
+    schedule: {choice: [onecycle, cosine, step]}
+    lr: {loguniform: {sgd: [0.05, 0.8], adam: [0.0003, 0.003], rmsprop: [0.0003, 0.003]}}
+    warmup_frac: {uniform: [0.0, 0.3]}
+    batch_size: {grid: [128, 256]}
+
+``--space FILE`` (YAML or JSON) overrides the default per key; a constant fixes a key.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+from ray import tune
+
+from resnet.config import TrainConfig, make_config
+from resnet.errors import UsageError
+
+# What a sweep may vary: optimisation and augmentation, never data, hardware or storage.
+TUNABLE = ("schedule", "lr", "warmup_frac", "final_lr_ratio", "weight_decay", "label_smoothing",
+           "batch_size", "momentum", "cutout", "augment", "optimizer", "bn_momentum")
+# grid: every value, each combined with every other grid key (x --samples); the rest are sampled.
+DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
+
+DEFAULT_SPACE: dict[str, Any] = {
+    "schedule": {"choice": ["onecycle", "cosine", "step"]},
+    # Peak LR, log-uniform; the range follows the optimizer of the sweep.
+    "lr": {"loguniform": {"sgd": [0.05, 0.8], "adam": [3e-4, 3e-3], "rmsprop": [3e-4, 3e-3]}},
+    "warmup_frac": {"uniform": [0.0, 0.3]},
+    "final_lr_ratio": {"choice": [0.0, 0.01, 0.05]},
+    "weight_decay": {"loguniform": [1e-4, 2e-3]},
+    "label_smoothing": {"uniform": [0.0, 0.2]},
+    "batch_size": {"choice": [128, 256, 512]},
+}
+# The CPU profile trains a few epochs on a few thousand images: smaller batches give it enough
+# steps, and the top of the full-data LR range would only diverge there.
+PROFILE_SPACE: dict[str, dict[str, Any]] = {
+    "gpu": {},
+    "cpu": {"batch_size": {"choice": [64, 128]},
+            "lr": {"loguniform": {"sgd": [0.02, 0.2], "adam": [3e-4, 3e-3],
+                                  "rmsprop": [3e-4, 3e-3]}}},
+}
+RECIPE_KEY = "recipe"  # "search" for sampled trials, "keras" for the fixed Keras trial
+STEP_DROPS = ((0.5, 0.1), (0.75, 0.1))  # step family: x0.1 at 50% and 75% of the epochs
+
+
+def load_space(path: str | None, optimizer: str, profile: str = "gpu") -> dict[str, Any]:
+    """The default space, the profile's keys, then the file's keys laid over it; validated,
+    per-optimizer ranges resolved."""
+    space = {**DEFAULT_SPACE, **PROFILE_SPACE.get(profile, {})}
+    if path:
+        space.update(_read_space_file(path))
+    resolved = {}
+    for key, spec in space.items():
+        if key not in TUNABLE:
+            raise UsageError(f"--space: unknown key {key!r}; tunable keys: {', '.join(TUNABLE)}")
+        resolved[key] = _resolve(key, spec, optimizer)
+    return resolved
+
+
+def _read_space_file(path: str) -> dict[str, Any]:
+    file = Path(path)
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise UsageError(f"--space {path}: cannot read it ({exc.strerror})") from None
+    try:
+        if file.suffix in (".yaml", ".yml"):
+            import yaml
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # yaml and json raise different types for the same mistake
+        kind = "YAML" if file.suffix in (".yaml", ".yml") else "JSON"
+        raise UsageError(f"--space {path}: not valid {kind} ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"--space {path}: must be a mapping of config keys to values or "
+                         "{choice|uniform|loguniform|randint: ...}")
+    return data
+
+
+def _resolve(key: str, spec: Any, optimizer: str) -> Any:
+    """A constant, or {"<distribution>": args} with per-optimizer ranges picked; checked."""
+    if not isinstance(spec, Mapping):
+        _check_value(key, spec)
+        return spec
+    if len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+        raise UsageError(f"--space: {key} must be a constant or one of "
+                         f"{{{'|'.join(DISTRIBUTIONS)}: ...}}, got {dict(spec)}")
+    kind, args = next(iter(spec.items()))
+    if isinstance(args, Mapping):  # per-optimizer ranges
+        if optimizer not in args:
+            raise UsageError(f"--space: {key} has no range for optimizer {optimizer!r}")
+        args = args[optimizer]
+    if kind in ("choice", "grid"):
+        if not isinstance(args, list) or not args:
+            raise UsageError(f"--space: {key} choice needs a non-empty list, got {args!r}")
+        for value in args:
+            _check_value(key, value)
+        return {kind: list(args)}
+    if not (isinstance(args, list) and len(args) == 2
+            and all(isinstance(v, (int, float)) and math.isfinite(v) for v in args)):
+        raise UsageError(f"--space: {key} {kind} needs [low, high], got {args!r}")
+    low, high = args
+    if low >= high or (kind == "loguniform" and low <= 0):
+        raise UsageError(f"--space: {key} {kind} range [{low}, {high}] is impossible "
+                         f"(need low < high{', low > 0' if kind == 'loguniform' else ''})")
+    _check_value(key, low)
+    _check_value(key, high if kind != "randint" else high - 1)  # randint excludes high
+    return {kind: [low, high]}
+
+
+def _check_value(key: str, value: Any) -> None:
+    """A value is possible when a TrainConfig accepts it (same checks as the command line)."""
+    try:
+        overrides = {key: value}
+        if key == "schedule" and value == "step":
+            overrides["milestones"] = ((2, 0.1),)
+        make_config(**overrides)
+    except (UsageError, TypeError) as exc:
+        raise UsageError(f"--space: {key}={value!r} is impossible ({exc})") from None
+
+
+def largest(space: dict[str, Any], key: str, default: Any) -> Any:
+    """The largest value a key can take in the space (its constant, or the top of its range)."""
+    spec = space.get(key, default)
+    return max(next(iter(spec.values()))) if isinstance(spec, dict) else spec
+
+
+def to_tune(space: dict[str, Any]) -> dict[str, Any]:
+    """Ray Tune's param_space: distributions become Tune domains."""
+    domains = {"choice": tune.choice, "grid": tune.grid_search, "uniform": tune.uniform,
+               "loguniform": tune.loguniform, "randint": tune.randint}
+    out: dict[str, Any] = {RECIPE_KEY: "search"}
+    for key, spec in space.items():
+        if isinstance(spec, dict):
+            kind, args = next(iter(spec.items()))
+            out[key] = domains[kind](args) if kind in ("choice", "grid") else domains[kind](*args)
+        else:
+            out[key] = spec
+    return out
+
+
+def keras_point(space: dict[str, Any], base: TrainConfig) -> dict[str, Any]:
+    """The Keras recipe as a fixed trial, with its own values for every searched key."""
+    keras = keras_config(base)
+    return {RECIPE_KEY: "keras", **{key: getattr(keras, key) for key in space}}
+
+
+def keras_config(base: TrainConfig) -> TrainConfig:
+    """The keras preset, with the sweep's data, epochs, hardware and storage."""
+    keep = ("data", "val_size", "subset", "seed", "epochs", "num_workers", "use_gpu",
+            "gpus_per_worker", "cpus_per_worker", "amp", "channels_last", "max_failures",
+            "storage", "name")
+    return make_config("keras", **{key: getattr(base, key) for key in keep})
+
+
+def trial_config(base: TrainConfig, params: Mapping[str, Any]) -> TrainConfig:
+    """The TrainConfig of one trial: the sweep's base config with the sampled values."""
+    params = dict(params)
+    if params.pop(RECIPE_KEY, "search") == "keras":
+        return keras_config(base)
+    values = {**base.to_dict(), **params, "preset": "search"}
+    if values["schedule"] == "step" and not values["milestones"]:
+        values["milestones"] = [(math.floor(base.epochs * at) + 1, factor)
+                                for at, factor in STEP_DROPS]
+    return TrainConfig.from_dict(values)

@@ -1,0 +1,275 @@
+"""The sweep: Ray Tune runs one ``TorchTrainer`` per trial (Train V2: a function trainable with
+``TuneReportCallback``), then the best trial's best checkpoint is exported and explained.
+
+Under ``<storage>/<name>/``: Tune's experiment (trial folders, restorable), ``train_runs/<trial id>/``
+(each trial's Ray Train run and checkpoints), ``trials.parquet``, ``summary.json``,
+``best/model.pt2`` and ``gradcam/``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
+
+from resnet import storage
+from resnet.config import TrainConfig, make_config
+from resnet.data import Splits, load_splits
+from resnet.driver import check_batch_fits, connect_ray, export_best, make_trainer
+from resnet.errors import TrainingFailed, UsageError
+from resnet.gradcam import gradcam_task
+from resnet.provenance import provenance
+from resnet.results import SweepResults, collect_results, print_table
+from resnet.space import (PROFILE_SPACE, keras_point, largest, load_space, to_tune,
+                          trial_config)
+
+TRAIN_RUNS = "train_runs"
+TRIAL_DRIVER_MEMORY = 256 * 2**20  # bytes reserved by each trial's driver process
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """The sweep's own settings; ``base`` is the TrainConfig every trial starts from."""
+
+    base: TrainConfig
+    samples: int
+    target: float = 0.88
+    scheduler: str = "asha"
+    grace_period: int | None = None  # ASHA: epochs every trial runs before it may be stopped
+    max_concurrent: int | None = None  # None: as many as the cluster's resources hold
+    space: str | None = None
+    keras_trial: bool = False
+    gradcam_images: int = 10
+    gradcam_method: str = "gradcam"
+    resume: bool = False
+    profile: str = "custom"
+
+    @property
+    def grace(self) -> int:
+        """ASHA's grace period: a fifth of the epochs (at least 1) unless given."""
+        return self.grace_period or max(1, self.base.epochs // 5)
+
+    def validated(self) -> "SweepConfig":
+        checks = [(self.samples >= 1, f"--samples must be at least 1, got {self.samples}"),
+                  (0 < self.target <= 1, f"--target must be in (0, 1], got {self.target}"),
+                  (self.scheduler in ("asha", "fifo"), f"unknown --scheduler {self.scheduler!r}"),
+                  (self.grace_period is None or 1 <= self.grace_period <= self.base.epochs,
+                   f"--grace-period must be between 1 and --epochs {self.base.epochs}"),
+                  (self.max_concurrent is None or self.max_concurrent >= 1,
+                   "--max-concurrent must be at least 1"),
+                  (self.gradcam_images >= 0, "--gradcam-images must be >= 0")]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+        return self
+
+
+# Defaults that fit the hardware: the full sweep with GPUs, a few minutes' worth on CPUs only.
+# Flags given on the command line win over the profile.
+PROFILES: dict[str, dict[str, Any]] = {
+    "gpu": {"samples": 16, "epochs": 50, "subset": None, "val_size": 5000, "keras_trial": True},
+    "cpu": {"samples": 4, "epochs": 3, "subset": 4000, "val_size": 2000, "keras_trial": False},
+}
+
+
+def make_sweep(train_flags: dict[str, Any], sweep_flags: dict[str, Any]) -> SweepConfig:
+    """Flags (None = not given) plus the hardware profile -> a validated SweepConfig.
+
+    Connects to Ray first: the profile depends on whether the cluster has GPUs.
+    """
+    connect_ray()
+    has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    use_gpu = train_flags.get("use_gpu")
+    profile = "gpu" if (has_gpu if use_gpu is None else use_gpu) else "cpu"
+    chosen = {k: v for k, v in PROFILES[profile].items()
+              if {**train_flags, **sweep_flags}.get(k) is None}
+    train = {**{k: v for k, v in chosen.items() if k in ("epochs", "subset", "val_size")},
+             **{k: v for k, v in train_flags.items() if v is not None}}
+    train.setdefault("name", f"tune-{train.get('model', 'resnet20')}-{profile}-seed"
+                             f"{train.get('seed', 0)}")
+    sweep = {**{k: v for k, v in chosen.items() if k in ("samples", "keras_trial")},
+             **{k: v for k, v in sweep_flags.items() if v is not None}}
+    if chosen:
+        given = ", ".join(f"{k}={v}" for k, v in chosen.items())
+        space = "; ".join(f"{k} {json.dumps(v)}" for k, v in PROFILE_SPACE[profile].items())
+        print(f"{'GPUs found' if has_gpu else 'no GPU found'}: {profile.upper()} profile "
+              f"({given}{f'; search space {space}' if space else ''}); flags and --space "
+              "override it", flush=True)
+    return SweepConfig(base=make_config(**train), profile=profile, **sweep).validated()
+
+
+def train_trial(params: dict[str, Any], base: dict[str, Any], data: dict[str, Any],
+                train_storage: str) -> None:
+    """One Tune trial: a Ray Train run named after the trial id, reporting to Tune each epoch.
+
+    ``data["ref"]`` is the ObjectRef of the splits, put once by the sweep's driver.
+    """
+    config = trial_config(TrainConfig.from_dict(base), params)
+    trial_id = tune.get_context().get_trial_id()
+    # Ray Train gives up on a worker group that waits 60 s for resources; a trial may wait
+    # longer while an early-stopped trial's workers are released (or the cluster scales up).
+    # Ray propagates this variable from here to the trial's Train controller.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
+    trainer = make_trainer(config, data["ref"], trial_id, train_storage,
+                           callbacks=[TuneReportCallback()], log_prefix=f"[{trial_id}] ")
+    trainer.fit()
+
+
+def plan_resources(base: TrainConfig, max_concurrent: int | None) -> tuple[TrainConfig, int]:
+    """Fill GPU use and CPUs per worker from the cluster; how many trials fit side by side."""
+    total = ray.cluster_resources()
+    gpus, cpus = total.get("GPU", 0), total.get("CPU", 1)
+    use_gpu = base.use_gpu if base.use_gpu is not None else gpus > 0
+    if use_gpu:  # each trial's share of the CPUs follows its share of the GPUs
+        per_worker_cpus = base.cpus_per_worker or max(1, int(cpus / gpus * base.gpus_per_worker))
+        fits = gpus // (base.num_workers * base.gpus_per_worker)
+    else:
+        per_worker_cpus = base.cpus_per_worker or 1
+        fits = cpus // (base.num_workers * per_worker_cpus)
+    if fits < 1:
+        raise UsageError(f"one trial needs {base.num_workers} worker(s) x {per_worker_cpus} CPU"
+                         f"{f' + {base.gpus_per_worker:g} GPU' if use_gpu else ''}; the cluster "
+                         f"has {cpus:g} CPUs and {gpus:g} GPUs: lower --num-workers or "
+                         "--cpus-per-worker")
+    return base.replace(use_gpu=use_gpu, cpus_per_worker=per_worker_cpus), \
+        int(max_concurrent or fits)
+
+
+def run_sweep(sweep: SweepConfig) -> dict[str, Any]:
+    """Run (or resume) the sweep, then export and explain the winner; returns the summary."""
+    started = time.time()
+    base = sweep.base
+    space = load_space(sweep.space, base.optimizer, sweep.profile)
+    dataset, splits = load_splits(base.data, base.val_size, base.subset, base.seed)
+    print(f"data: {dataset.source.path} ({dataset.source.kind}, "
+          f"{'Parquet cache' if dataset.from_cache else 'decoded'} in {dataset.load_s:.1f}s); "
+          f"split {splits.sizes()}", flush=True)
+    check_batch_fits(base.replace(batch_size=largest(space, "batch_size", base.batch_size)), splits)
+    connect_ray()
+    base, concurrent = plan_resources(base, sweep.max_concurrent)
+    root = storage.absolute(base.storage)
+    name = base.run_name
+    exp_dir = storage.join(root, name)
+    print(f"sweep {name}: {sweep.samples} trial(s) x {base.epochs} epochs of {base.model}, "
+          f"{base.num_workers} worker(s) x {base.cpus_per_worker} CPU"
+          f"{f' + {base.gpus_per_worker:g} GPU' if base.use_gpu else ''} per trial, up to "
+          f"{concurrent} at a time, {sweep.scheduler.upper()}"
+          f"{f' (grace period {sweep.grace} epochs)' if sweep.scheduler == 'asha' else ''}; "
+          f"writing to {exp_dir}", flush=True)
+
+    trainable = tune.with_parameters(
+        train_trial, base=base.to_dict(), data={"ref": ray.put(splits)},
+        train_storage=storage.join(exp_dir, TRAIN_RUNS))
+    # A trial's own process only drives its TorchTrainer: the Train workers reserve the CPUs
+    # and GPUs. Ray needs a non-empty request, so the trial reserves memory, not a CPU (a CPU
+    # here would leave one core idle per trial).
+    trainable = tune.with_resources(trainable, {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
+    tuner = make_tuner(sweep, trainable, space, root, name, concurrent, exp_dir)
+    tuner.fit()  # trial errors stay in the results; they do not raise here
+    results = collect_results(exp_dir, base, sweep.target)
+    write_parquet(storage.join(exp_dir, "trials.parquet"), results.trials,
+                  {"sweep": sweep_dict(sweep), "provenance": provenance()})
+    if results.best is None:
+        raise TrainingFailed(f"no trial completed an epoch; see the trial errors in {exp_dir}")
+    summary = finish(sweep, base, splits, results, exp_dir)
+    summary["wall_s"] = round(time.time() - started, 1)
+    storage.write_bytes(storage.join(exp_dir, "summary.json"), json.dumps(summary, indent=2).encode())
+    print_table(results, sweep.target)
+    return summary
+
+
+def make_tuner(sweep: SweepConfig, trainable, space: dict[str, Any], root: str, name: str,
+               concurrent: int, exp_dir: str) -> tune.Tuner:
+    """A new Tuner, or with --resume the restored one (finished trials are not run again)."""
+    exists = tune.Tuner.can_restore(exp_dir)
+    if exists and not sweep.resume:
+        raise UsageError(f"sweep {name!r} already exists in {root}; pass --resume to continue it, "
+                         "or another --name")
+    if exists:
+        print(f"resuming sweep {name} from {exp_dir}", flush=True)
+        return tune.Tuner.restore(exp_dir, trainable, resume_unfinished=True, resume_errored=True)
+    if sweep.scheduler == "asha":
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=sweep.base.epochs,
+                                  grace_period=sweep.grace, reduction_factor=2)
+    else:
+        scheduler = FIFOScheduler()
+    points = [keras_point(space, sweep.base)] if sweep.keras_trial else []
+    return tune.Tuner(
+        trainable, param_space=to_tune(space),
+        tune_config=tune.TuneConfig(
+            metric="val_acc", mode="max", scheduler=scheduler, num_samples=sweep.samples,
+            trial_dirname_creator=trial_dirname,
+            # The generator limits concurrency itself (Tune ignores max_concurrent_trials with it).
+            search_alg=BasicVariantGenerator(points_to_evaluate=points, max_concurrent=concurrent,
+                                             random_state=sweep.base.seed)),
+        run_config=tune.RunConfig(name=name, storage_path=root, verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=0)))
+
+
+def trial_dirname(trial) -> str:
+    """Short trial folders (Tune's default name spells out every sampled value)."""
+    return f"trial_{trial.trial_id}"
+
+
+def finish(sweep: SweepConfig, base: TrainConfig, splits: Splits, results: SweepResults,
+           exp_dir: str) -> dict[str, Any]:
+    """Export the winner (and its test accuracy, once), render Grad-CAM, build the summary."""
+    best = results.best
+    checkpoint = ray.train.Checkpoint(best["checkpoint_path"])
+    winner = results.configs[best["trial_id"]]
+    final = export_best(checkpoint, winner, splits, exp_dir)
+    gradcam_files: list[str] = []
+    if sweep.gradcam_images:
+        # Held-out images: the test split when the source has one, else validation.
+        x, y = (splits.test_x, splits.test_y) if splits.test_x is not None else (splits.val_x,
+                                                                                 splits.val_y)
+        title = f"{winner.model}, trial {best['trial_id']} epoch {best['epoch']}, " \
+                f"val_acc {best['val_acc']:.4f}, {sweep.gradcam_method}"
+        files = ray.get(gradcam_task.options(num_cpus=1, num_gpus=1 if base.use_gpu else 0)
+                        .remote(checkpoint, x, y, sweep.gradcam_images, sweep.gradcam_method, title))
+        for filename, data in files.items():
+            storage.write_bytes(storage.join(exp_dir, "gradcam", filename), data)
+        gradcam_files = sorted(files)
+    counts = results.trials.drop_duplicates("trial_id")["status"].value_counts().to_dict()
+    return {
+        "sweep": exp_dir, "profile": sweep.profile,
+        "best_trial": best["trial_id"], "best_val_acc": best["val_acc"],
+        "best_epoch": best["epoch"], "best_checkpoint": best["checkpoint_path"],
+        "best_config": winner.to_dict(),
+        "target_acc": sweep.target, "target_reached": results.first_at_target is not None,
+        "first_at_target": results.first_at_target,
+        "first_epoch_at_target_per_trial": results.first_epoch_per_trial,
+        "test_acc": final["test_acc"], "test_loss": final["test_loss"],
+        "trials": {status: int(counts.get(status, 0))
+                   for status in ("completed", "early-stopped", "diverged", "failed")},
+        "model_export": storage.join(exp_dir, "best", "model.pt2"),
+        "gradcam": [storage.join(exp_dir, "gradcam", f) for f in gradcam_files],
+        "sweep_config": sweep_dict(sweep), "provenance": provenance(),
+    }
+
+
+def sweep_dict(sweep: SweepConfig) -> dict[str, Any]:
+    out = asdict(sweep)
+    out["base"] = sweep.base.to_dict()
+    return out
+
+
+def write_parquet(path: str, frame: pd.DataFrame, meta: dict[str, Any]) -> None:
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    table = table.replace_schema_metadata({"resnet": json.dumps(meta, default=str)})
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    storage.write_bytes(path, buffer.getvalue())
+

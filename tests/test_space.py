@@ -1,0 +1,76 @@
+"""The Tune search space: defaults, files, validation and how samples become TrainConfigs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from ray import tune
+
+from resnet.config import make_config
+from resnet.errors import UsageError
+from resnet.space import DEFAULT_SPACE, keras_point, load_space, to_tune, trial_config
+
+
+def write(tmp_path, text: str, name: str = "space.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_default_space_resolves_the_lr_range_of_the_optimizer():
+    assert load_space(None, "sgd")["lr"] == {"loguniform": [0.05, 0.8]}
+    assert load_space(None, "adam")["lr"] == {"loguniform": [3e-4, 3e-3]}
+    assert set(load_space(None, "sgd")) == set(DEFAULT_SPACE)
+    assert load_space(None, "sgd", "cpu")["batch_size"] == {"choice": [64, 128]}
+
+
+def test_a_yaml_file_overrides_keys_and_fixes_constants(tmp_path):
+    space = load_space(write(tmp_path, "schedule: cosine\nlr: {grid: [0.1, 0.2]}\ncutout: 8\n"),
+                       "sgd")
+    assert space["schedule"] == "cosine" and space["cutout"] == 8
+    domains = to_tune(space)
+    assert domains["lr"] == tune.grid_search([0.1, 0.2]) and domains["recipe"] == "search"
+    assert isinstance(domains["weight_decay"], tune.search.sample.Float)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"learning_rate": 0.1}', "unknown key 'learning_rate'"),
+    ('{"storage": "/tmp"}', "unknown key 'storage'"),
+    ('{"lr": {"loguniform": [0.0, 1.0]}}', "impossible"),
+    ('{"lr": {"uniform": [0.5, 0.1]}}', "impossible"),
+    ('{"label_smoothing": {"uniform": [0.0, 1.5]}}', "label_smoothing=1.5 is impossible"),
+    ('{"schedule": {"choice": ["onecycle", "linear"]}}', "schedule='linear' is impossible"),
+    ('{"batch_size": {"choice": []}}', "non-empty list"),
+    ('{"lr": {"normal": [0, 1]}}', "must be a constant or one of"),
+    ('[1, 2]', "must be a mapping"),
+    ('{"lr": ', "not valid JSON"),
+])
+def test_bad_space_files_are_usage_errors(tmp_path, text, message):
+    with pytest.raises(UsageError, match=message) as info:
+        load_space(write(tmp_path, text, "space.json"), "sgd")
+    assert "\n" not in str(info.value)
+
+
+def test_missing_space_file(tmp_path):
+    with pytest.raises(UsageError, match="cannot read it"):
+        load_space(str(tmp_path / "nope.yaml"), "sgd")
+
+
+def test_trial_config_applies_samples_and_derives_step_milestones():
+    base = make_config(epochs=20, data="somewhere", subset=1000)
+    config = trial_config(base, {"recipe": "search", "schedule": "step", "lr": 0.3,
+                                 "batch_size": 128})
+    assert (config.lr, config.batch_size, config.subset, config.data) == (0.3, 128, 1000, "somewhere")
+    assert config.milestones == ((11, 0.1), (16, 0.1))
+
+
+def test_keras_trial_is_the_keras_recipe_with_the_sweeps_data_and_epochs():
+    base = make_config(epochs=7, subset=3000, num_workers=2)
+    point = keras_point(load_space(None, "sgd"), base)
+    assert point["recipe"] == "keras" and point["batch_size"] == 32 and point["schedule"] == "step"
+    config = trial_config(base, point)
+    assert (config.optimizer, config.epochs, config.subset, config.num_workers) == \
+        ("rmsprop", 7, 3000, 2)
+    assert config.milestones == make_config("keras").milestones
+    json.dumps(config.to_dict())  # plain JSON for summaries
