@@ -60,6 +60,19 @@ def build_parser() -> OneLineParser:
     opt.add_argument("--augment", choices=AUGMENTS, help="crop: pad 4 + random crop + flip; "
                      f"keras: 0.1 shifts with nearest fill + flip (default {D.augment})")
     opt.add_argument("--cutout", type=int, help=f"cutout square side in pixels, 0 = off (default {D.cutout})")
+    decay = opt.add_mutually_exclusive_group()
+    decay.add_argument("--no-bn-bias-decay", dest="bn_bias_decay", action="store_const",
+                       const=False, help="no weight decay on BatchNorm weights and biases "
+                       "(fast preset)")
+    decay.add_argument("--bn-bias-decay", dest="bn_bias_decay", action="store_const", const=True,
+                       help="weight decay on every parameter (default)")
+    opt.add_argument("--ema", type=float, help="per-step decay of an EMA of the weights that is "
+                     f"evaluated and exported, 0 = off (default {D.ema}; fast: 0.995)")
+    tta = opt.add_mutually_exclusive_group()
+    tta.add_argument("--tta", dest="tta", action="store_const", const=True, help="flip "
+                     "test-time augmentation in evaluation and in the exported model (fast preset)")
+    tta.add_argument("--no-tta", dest="tta", action="store_const", const=False,
+                     help="evaluate the image only (default)")
 
     hw = p.add_argument_group("hardware and run")
     hw.add_argument("--num-workers", type=int, help=f"Ray Train workers, one DDP rank each "
@@ -76,7 +89,7 @@ def build_parser() -> OneLineParser:
     hw.add_argument("--no-amp", dest="amp", action="store_const", const=False,
                     help="turn off bf16 autocast on CUDA")
     hw.add_argument("--no-channels-last", dest="channels_last", action="store_const", const=False,
-                    help="keep the contiguous memory format on CUDA")
+                    help="keep the contiguous memory format (channels_last is the default)")
     hw.add_argument("--max-failures", type=int, help="worker-group restarts from the latest "
                     f"checkpoint before the run fails, -1 = unlimited (default {D.max_failures})")
     hw.add_argument("--storage", help=f"root folder or URI (s3://, gs://) for runs (default {D.storage})")
@@ -93,6 +106,8 @@ def parse_milestones_arg(text: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from resnet import timing  # no heavy imports: marks when this job began, for jobs.bench
+    timing.mark("main")
     args = vars(build_parser().parse_args(argv))
 
     def run() -> int:

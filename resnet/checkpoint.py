@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from resnet.errors import UsageError
-from resnet.models import build_model
+from resnet.models import FlipTTA, build_model
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -52,6 +52,12 @@ def model_from_state(state: dict[str, Any]) -> nn.Module:
         raise UsageError(f"checkpoint weights do not fit model {name!r} "
                          f"({str(exc).splitlines()[0]})") from None
     return model.eval()
+
+
+def inference_model(state: dict[str, Any]) -> nn.Module:
+    """The model as evaluated in training: with flip TTA when the run used it."""
+    model = model_from_state(state)
+    return FlipTTA(model).eval() if state["config"].get("tta") else model
 
 
 def export_model(model: nn.Module) -> bytes:

@@ -21,7 +21,8 @@ import torch
 from ray.train.torch import TorchTrainer
 
 from resnet import storage
-from resnet.checkpoint import export_model, load_state, model_from_state
+from resnet import timing
+from resnet.checkpoint import export_model, inference_model, load_state
 from resnet.config import TARGET_ACC, TrainConfig
 from resnet.data import Dataset, Splits, load_splits
 from resnet.errors import TrainingFailed, UsageError
@@ -99,7 +100,7 @@ def finalize_best(checkpoint: ray.train.Checkpoint, config: TrainConfig,
     """On a worker (with a GPU when there is one): test accuracy of the best model, and its
     torch.export as bytes for the driver to write into storage."""
     state = load_state(checkpoint)
-    model = model_from_state(state)
+    model = inference_model(state)  # as evaluated: flip TTA included when the run used it
     out: dict[str, Any] = {"test_acc": None, "test_loss": None}
     if test_x is not None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -147,12 +148,16 @@ def export_best(checkpoint: ray.train.Checkpoint, config: TrainConfig, splits: S
 def train_driver_fn(config: TrainConfig) -> dict[str, Any]:
     """Run one training run end to end and return its summary."""
     started = time.time()
+    timing.mark("data_start")
     dataset, splits = load_splits(config.data, config.val_size, config.subset, config.seed)
+    timing.mark("data_done")
     print(f"data: {dataset.source.path} ({dataset.source.kind}, "
           f"{'Parquet cache' if dataset.from_cache else 'decoded'} in {dataset.load_s:.1f}s); "
           f"split {splits.sizes()}", flush=True)
     check_batch_fits(config, splits)
+    timing.mark("ray_start")
     embedded = connect_ray()
+    timing.mark("ray_ready")
     config = resolve_hardware(config, embedded)
     storage_root = storage.absolute(config.storage)
     run_dir = storage.join(storage_root, config.run_name)
@@ -163,6 +168,7 @@ def train_driver_fn(config: TrainConfig) -> dict[str, Any]:
           f"writing to {run_dir}", flush=True)
 
     trainer = make_trainer(config, ray.put(splits), config.run_name, storage_root)
+    timing.mark("fit_start")
     try:
         result = trainer.fit()
     except SystemExit as exc:

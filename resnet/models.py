@@ -174,6 +174,20 @@ def last_stage(model: nn.Module) -> nn.Module:
     return getattr(model, _LAST_STAGE[type(model)])
 
 
+class FlipTTA(nn.Module):
+    """Flip test-time augmentation: the mean of the logits of the image and its mirror image.
+
+    Part of the exported model, so the exported file gives the evaluated accuracy as it is.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # N x 3 x H x W -> N x classes
+        return (self.model(x) + self.model(torch.flip(x, dims=[3]))) / 2
+
+
 def set_bn_momentum(model: nn.Module, momentum: float) -> nn.Module:
     """Set every BatchNorm's running-statistics momentum (torch convention: weight of the batch)."""
     for module in model.modules():

@@ -24,7 +24,8 @@ from resnet.errors import UsageError
 
 # What a sweep may vary: optimisation and augmentation, never data, hardware or storage.
 TUNABLE = ("schedule", "lr", "warmup_frac", "final_lr_ratio", "weight_decay", "label_smoothing",
-           "batch_size", "momentum", "cutout", "augment", "optimizer", "bn_momentum")
+           "batch_size", "momentum", "cutout", "augment", "optimizer", "bn_momentum", "ema", "tta",
+           "bn_bias_decay")
 # grid: every value, each combined with every other grid key (x --samples); the rest are sampled.
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 
@@ -43,7 +44,7 @@ DEFAULT_SPACE: dict[str, Any] = {
 PROFILE_SPACE: dict[str, dict[str, Any]] = {
     "gpu": {},
     "cpu": {"batch_size": {"choice": [64, 128]},
-            "lr": {"loguniform": {"sgd": [0.02, 0.2], "adam": [3e-4, 3e-3],
+            "lr": {"loguniform": {"sgd": [0.01, 0.1], "adam": [3e-4, 3e-3],
                                   "rmsprop": [3e-4, 3e-3]}}},
 }
 RECIPE_KEY = "recipe"  # "search" for sampled trials, "keras" for the fixed Keras trial

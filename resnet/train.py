@@ -21,17 +21,29 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
+from resnet import timing
 from resnet.augment import augment, plan_epoch
 from resnet.checkpoint import load_state, save_state
 from resnet.config import TrainConfig
 from resnet.data import Splits
-from resnet.models import build_model, conv_kernels, set_bn_momentum
+from resnet.models import FlipTTA, build_model, conv_kernels, set_bn_momentum
 from resnet.schedules import make_schedule
 
 EVAL_BATCH = 1024  # images per forward pass when evaluating
 # Through logging, not print: Ray Train forwards worker log records to the driver's console.
 log = logging.getLogger("resnet.train")
+
+
+def param_groups(net: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
+    """Weight decay on every parameter, or (bn_bias_decay off) only on conv and linear weights:
+    the 1-D parameters are BatchNorm weights and biases, and biases."""
+    params = list(net.parameters())
+    if config.bn_bias_decay:
+        return [{"params": params}]
+    return [{"params": [p for p in params if p.ndim > 1]},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
 
 
 def make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
@@ -60,9 +72,28 @@ def autocast(device: torch.device, config: TrainConfig):
 
 
 def to_input(x: torch.Tensor, device: torch.device, config: TrainConfig) -> torch.Tensor:
-    if device.type == "cuda" and config.channels_last:
+    if config.channels_last:
         return x.contiguous(memory_format=torch.channels_last)
     return x
+
+
+def ema_update(decay: float):
+    """AveragedModel's EMA update, with TensorFlow's warm-up of the decay: the n-th update uses
+    min(decay, (1 + n) / (10 + n)), so the average follows the fast-moving early weights
+    instead of remembering the random initial ones for thousands of steps."""
+
+    @torch.no_grad()
+    def update(ema_params: list[torch.Tensor], params: list[torch.Tensor],
+               num_averaged: torch.Tensor) -> None:
+        # A 0-dim tensor on the device: no host sync per step.
+        d = torch.clamp((1 + num_averaged) / (10 + num_averaged), max=decay)
+        for e, p in zip(ema_params, params):
+            if torch.is_floating_point(e):
+                e.lerp_(p, (1 - d).to(e.dtype))
+            else:  # integer buffers (BatchNorm's num_batches_tracked): the latest value
+                e.copy_(p)
+
+    return update
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -99,6 +130,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
 def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point. ``loop_config``: {"config": TrainConfig dict, "data": ObjectRef
     of the Splits, "log_prefix": text before each log line (the trial id under Tune)}."""
+    timing.mark("worker_start")
     quiet_ray_train_reports()
     config = TrainConfig.from_dict(loop_config["config"])
     prefix = loop_config.get("log_prefix", "")
@@ -115,10 +147,15 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(config.seed)  # same initial weights on every rank (DDP also broadcasts)
     net = set_bn_momentum(build_model(config.model, num_classes=len(splits.classes)),
                           config.bn_momentum)
-    if device.type == "cuda" and config.channels_last:
+    if config.channels_last:  # NHWC convolutions: faster on CUDA and on CPU (jobs.bench)
         net = net.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(net)  # moves to device; DDP when world > 1
-    optimizer = make_optimizer(config, net.parameters())
+    optimizer = make_optimizer(config, param_groups(net, config))
+    # The EMA copy (weights and BatchNorm statistics) is what gets evaluated and exported.
+    ema = AveragedModel(net, multi_avg_fn=ema_update(config.ema),
+                        use_buffers=True) if config.ema else None
+    eval_net = ema.module if ema is not None else net
+    eval_model = FlipTTA(eval_net) if config.tta else eval_net
 
     local_batch = config.batch_size // world
     steps_per_epoch = len(splits.train_y) // config.batch_size  # the last partial batch is dropped
@@ -128,7 +165,10 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # a restarted worker group or a re-run: continue at the saved epoch and step
         state = load_state(checkpoint, map_location=device)
-        net.load_state_dict(state["model"])
+        net.load_state_dict(state.get("train_model", state["model"]))
+        if ema is not None and "train_model" in state:
+            ema.module.load_state_dict(state["model"])
+            ema.n_averaged.fill_(state["ema_count"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, step = state["epoch"], state["step"]
         best_acc, best_epoch, history = state["best_val_acc"], state["best_epoch"], state["history"]
@@ -143,6 +183,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         splits.train_x, splits.train_y, splits.val_x, splits.val_y))
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
 
+    start_step = step
     for epoch in range(start_epoch, config.epochs):
         started = time.perf_counter()
         plan = plan_epoch(len(train_y), config.seed, epoch, config.augment).to(device)
@@ -162,6 +203,10 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if ema is not None:
+                ema.update_parameters(net)
+            if step == start_step and rank == 0:
+                timing.mark("first_step", device)
             step += 1
             # Accumulate on the device: no host sync inside the step loop.
             sums[0] += loss.detach() * len(y)
@@ -169,7 +214,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             sums[2] += len(y)
         loss_sum, correct, count = all_reduce_sum(sums).tolist()
         train_s = time.perf_counter() - started
-        val_loss, val_acc = evaluate(net, val_x, val_y, device, config, rank, world)
+        val_loss, val_acc = evaluate(eval_model, val_x, val_y, device, config, rank, world)
         metrics = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum / count, "acc": correct / count,
                    "val_loss": val_loss, "val_acc": val_acc,
                    "epoch_s": time.perf_counter() - started, "samples_per_s": count / train_s,
@@ -180,10 +225,14 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             best_acc, best_epoch = val_acc, epoch + 1
         if rank == 0:
             log_epoch(metrics, config.epochs, previous_best, prefix)
-        report(metrics, rank, {
-            "model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-            "step": step, "best_val_acc": best_acc, "best_epoch": best_epoch, "history": history,
-            "config": config.to_dict(), "classes": list(splits.classes)})
+        # "model" holds the evaluated weights (the EMA when on); "train_model" the raw ones.
+        state = {"model": eval_net.state_dict(), "optimizer": optimizer.state_dict(),
+                 "epoch": epoch + 1, "step": step, "best_val_acc": best_acc,
+                 "best_epoch": best_epoch, "history": history, "config": config.to_dict(),
+                 "classes": list(splits.classes)}
+        if ema is not None:
+            state.update(train_model=net.state_dict(), ema_count=int(ema.n_averaged))
+        report(metrics, rank, state)
         if metrics["diverged"]:
             return
 

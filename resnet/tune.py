@@ -36,6 +36,7 @@ from resnet.space import (PROFILE_SPACE, keras_point, largest, load_space, to_tu
                           trial_config)
 
 TRAIN_RUNS = "train_runs"
+SWEEP_PRESET = "fast"  # every searched trial starts from the fast recipe: the search's centre
 TRIAL_DRIVER_MEMORY = 256 * 2**20  # bytes reserved by each trial's driver process
 
 
@@ -107,7 +108,8 @@ def make_sweep(train_flags: dict[str, Any], sweep_flags: dict[str, Any]) -> Swee
         print(f"{'GPUs found' if has_gpu else 'no GPU found'}: {profile.upper()} profile "
               f"({given}{f'; search space {space}' if space else ''}); flags and --space "
               "override it", flush=True)
-    return SweepConfig(base=make_config(**train), profile=profile, **sweep).validated()
+    return SweepConfig(base=make_config(SWEEP_PRESET, **train), profile=profile,
+                       **sweep).validated()
 
 
 def train_trial(params: dict[str, Any], base: dict[str, Any], data: dict[str, Any],

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from resnet.checkpoint import load_state, model_from_state
+from resnet.checkpoint import inference_model, load_state
 from resnet.data import load_splits
 from tests.conftest import ROOT, run_job
 
@@ -55,7 +55,7 @@ def test_train_job_two_cpu_workers_on_a_real_subset(shared_archive, tmp_path):
     batch = splits.val_x[:64].astype(np.float32) / 255
     np.save(tmp_path / "x.npy", batch)
     with torch.no_grad():
-        expected = model_from_state(best)(torch.from_numpy(batch)).numpy()
+        expected = inference_model(best)(torch.from_numpy(batch)).numpy()
     subprocess.run([sys.executable, "-c", LOAD_EXPORT, str(run_dir / "best" / "model.pt2"),
                     str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
                    cwd=tmp_path, check=True, env={"PATH": "/usr/bin:/bin"}, timeout=300)
@@ -65,7 +65,7 @@ def test_train_job_two_cpu_workers_on_a_real_subset(shared_archive, tmp_path):
     assert (logits.argmax(1) == splits.val_y[:64]).mean() > 0.2
 
 
-@pytest.mark.parametrize("job", ["jobs.train", "jobs.tune", "jobs.gradcam"])
+@pytest.mark.parametrize("job", ["jobs.train", "jobs.tune", "jobs.gradcam", "jobs.bench"])
 def test_help_and_readme_document_every_flag(job):
     proc = run_job(job, "--help")
     assert proc.returncode == 0

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from resnet.errors import UsageError
-from resnet.models import build_model, keras_param_count, trainable_param_count
+from resnet.models import FlipTTA, build_model, keras_param_count, trainable_param_count
 
 
 def test_resnet20_matches_the_keras_model_summary():
@@ -52,3 +52,14 @@ def test_normalisation_is_inside_the_model():
 def test_unknown_model_lists_the_known_ones():
     with pytest.raises(UsageError, match="resnet20, resnet18, tiny"):
         build_model("resnet50")
+
+
+def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror():
+    torch.manual_seed(0)
+    model = build_model("resnet20").eval()
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        both = FlipTTA(model)(x)
+        assert torch.allclose(both, (model(x) + model(x.flip(3))) / 2, atol=1e-6)
+        assert not torch.allclose(both, model(x), atol=1e-4)  # the mirror image counts
+        assert torch.allclose(FlipTTA(model)(x.flip(3)), both, atol=1e-5)  # flip invariant

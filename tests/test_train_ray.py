@@ -8,10 +8,12 @@ import pandas as pd
 import pytest
 import torch
 
-from resnet.checkpoint import load_state
+from resnet.checkpoint import inference_model, load_state, model_from_state
 from resnet.config import make_config
+from resnet.data import load_splits
 from resnet.driver import train_driver_fn
 from resnet.models import build_model
+from resnet.train import evaluate
 
 pytestmark = pytest.mark.ray
 
@@ -63,3 +65,28 @@ def test_outputs_and_rerun_resumes_instead_of_training_again(ray_local, shared_a
     twin = train_driver_fn(config.replace(name="twin"))["final_metrics"]
     for key in ("loss", "acc", "val_loss", "val_acc"):
         assert twin[key] == first["final_metrics"][key], key
+
+
+def test_ema_and_flip_tta_are_what_is_evaluated_and_exported(ray_local, shared_archive, tmp_path):
+    config, out = tiny_run(shared_archive, tmp_path, name="ema", ema=0.9, tta=True,
+                           bn_bias_decay=False)
+    state = load_state(out["best_checkpoint"])
+    assert state["ema_count"] == 8  # one EMA update per step
+    # The checkpoint's model is the EMA of the weights, not the last raw weights.
+    assert not torch.allclose(state["model"]["fc.weight"], state["train_model"]["fc.weight"])
+
+    # The EMA with flip TTA gives exactly the reported val_acc; without the flip it differs.
+    _, splits = load_splits(str(shared_archive), 200, 512, 0)
+    val = torch.tensor(splits.val_x), torch.tensor(splits.val_y)
+    cpu = torch.device("cpu")
+    loss, acc = evaluate(inference_model(state), *val, cpu, config)
+    assert (loss, acc) == pytest.approx((state["history"][-1]["val_loss"],
+                                         state["history"][-1]["val_acc"]), rel=1e-5)
+    plain_loss, _ = evaluate(model_from_state(state), *val, cpu, config)
+    assert plain_loss != pytest.approx(loss, rel=1e-5)
+
+    # The exported model includes the flip.
+    exported = torch.export.load(tmp_path / "ema" / "best" / "model.pt2").module()
+    x = val[0][:32].float() / 255
+    with torch.no_grad():
+        assert torch.allclose(exported(x), inference_model(state)(x), atol=1e-5)
