@@ -77,13 +77,7 @@ def build_parser() -> OneLineParser:
     hw = p.add_argument_group("hardware and run")
     hw.add_argument("--num-workers", type=int, help=f"Ray Train workers, one DDP rank each "
                     f"(default {D.num_workers})")
-    device = hw.add_mutually_exclusive_group()
-    device.add_argument("--gpu", dest="use_gpu", action="store_const", const=True,
-                        help="one GPU per worker (default: when the cluster has GPUs)")
-    device.add_argument("--cpu", dest="use_gpu", action="store_const", const=False,
-                        help="train on CPUs even when GPUs exist")
-    hw.add_argument("--gpus-per-worker", type=float, help="GPUs per worker with --gpu; a "
-                    "fraction below 1 needs --num-workers 1 (default 1)")
+    add_device_flags(hw)
     hw.add_argument("--cpus-per-worker", type=int, help="CPUs (and torch threads) per worker "
                     "(default: the machine's CPUs divided by --num-workers)")
     hw.add_argument("--no-amp", dest="amp", action="store_const", const=False,
@@ -96,6 +90,18 @@ def build_parser() -> OneLineParser:
     hw.add_argument("--name", help="run name, no timestamp, so the same command resumes "
                     "(default: <model>-<preset>-seed<seed>)")
     return p
+
+
+def add_device_flags(group) -> None:
+    """--gpu/--cpu and --gpus-per-worker, shared with jobs.tune."""
+    device = group.add_mutually_exclusive_group()
+    device.add_argument("--gpu", dest="use_gpu", action="store_const", const=True,
+                        help="train on GPUs (default: when the cluster has any)")
+    device.add_argument("--cpu", dest="use_gpu", action="store_const", const=False,
+                        help="train on CPUs even when GPUs exist")
+    group.add_argument("--gpus-per-worker", type=float, help="GPUs per worker with --gpu; 0.25 "
+                       "packs 4 one-worker runs (trials) on a GPU; a fraction below 1 needs "
+                       "--num-workers 1 (default 1)")
 
 
 def parse_milestones_arg(text: str):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 
+from jobs.train import add_device_flags
 from resnet.config import CAM_METHODS, MODELS, OPTIMIZERS
 from resnet.errors import OneLineParser, run_main
 
@@ -58,13 +59,7 @@ def build_parser() -> OneLineParser:
 
     h = p.add_argument_group("hardware and storage")
     h.add_argument("--num-workers", type=int, help="Ray Train workers per trial (default 1)")
-    device = h.add_mutually_exclusive_group()
-    device.add_argument("--gpu", dest="use_gpu", action="store_const", const=True,
-                        help="train on GPUs (default: when the cluster has any)")
-    device.add_argument("--cpu", dest="use_gpu", action="store_const", const=False,
-                        help="train on CPUs even when GPUs exist")
-    h.add_argument("--gpus-per-worker", type=float, help="GPUs per worker; 0.25 packs 4 one-worker "
-                   "trials on a GPU; fractions need --num-workers 1 (default 1)")
+    add_device_flags(h)
     h.add_argument("--cpus-per-worker", type=int, help="CPUs (and torch threads) per worker "
                    "(default: CPU 1, GPU the CPUs per GPU times --gpus-per-worker)")
     h.add_argument("--storage", help="root folder or URI for sweeps (default results)")

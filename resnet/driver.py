@@ -10,6 +10,7 @@ import io
 import json
 import os
 import time
+import uuid
 from typing import Any
 
 import pandas as pd
@@ -19,9 +20,9 @@ import ray
 import ray.train
 import torch
 from ray.train.torch import TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from resnet import storage
-from resnet import timing
+from resnet import storage, timing
 from resnet.checkpoint import export_model, inference_model, load_state
 from resnet.config import TARGET_ACC, TrainConfig
 from resnet.data import Dataset, Splits, load_splits
@@ -56,6 +57,35 @@ def pin_ray_address() -> None:
     fails, and an early-stopped trial's placement group would hold its CPUs for good.
     """
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
+
+@ray.remote(num_cpus=0)
+def _sees(path: str) -> bool:
+    return storage.read_bytes(path) is not None
+
+
+def check_shared_storage(root: str) -> None:
+    """Every node must reach --storage: write a marker from here, read it on each alive node.
+
+    A local path works on one machine only; across nodes it takes s3://, gs:// or an NFS mount.
+    """
+    marker = storage.join(root, f".storage-check-{uuid.uuid4().hex}")
+    try:
+        storage.write_bytes(marker, b"ok")
+    except OSError as exc:
+        raise UsageError(f"--storage {root} is not writable from the driver ({exc}); pick "
+                         "another --storage") from None
+    try:
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+        seen = ray.get([_sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            n["NodeID"], soft=False)).remote(marker) for n in nodes])
+    finally:
+        storage.delete(marker)
+    blind = [n["NodeManagerAddress"] for n, ok in zip(nodes, seen) if not ok]
+    if blind:
+        raise UsageError(f"--storage {root} is not visible from node(s) {', '.join(blind)}; "
+                         "on a cluster of several nodes use shared storage: s3://BUCKET/PATH, "
+                         "gs://BUCKET/PATH or a path on an NFS mount every node has")
 
 
 def resolve_hardware(config: TrainConfig, embedded: bool) -> TrainConfig:
@@ -160,6 +190,8 @@ def train_driver_fn(config: TrainConfig) -> dict[str, Any]:
     timing.mark("ray_ready")
     config = resolve_hardware(config, embedded)
     storage_root = storage.absolute(config.storage)
+    if not embedded:  # a cluster: every node must reach the storage
+        check_shared_storage(storage_root)
     run_dir = storage.join(storage_root, config.run_name)
     check_resumable(run_dir, config, dataset)
     print(f"run {config.run_name}: {config.model}, {config.epochs} epochs, {config.num_workers} "

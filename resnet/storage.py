@@ -56,3 +56,13 @@ def read_bytes(src: str) -> bytes | None:
             return f.read()
     path = Path(src)
     return path.read_bytes() if path.is_file() else None
+
+
+def delete(path: str) -> None:
+    """Remove a file if it exists."""
+    if is_uri(path):
+        fs, inner = pafs.FileSystem.from_uri(path)
+        if fs.get_file_info(inner).type == pafs.FileType.File:
+            fs.delete_file(inner)
+        return
+    Path(path).unlink(missing_ok=True)

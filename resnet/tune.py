@@ -27,7 +27,8 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from resnet import storage
 from resnet.config import TrainConfig, make_config
 from resnet.data import Splits, load_splits
-from resnet.driver import check_batch_fits, connect_ray, export_best, make_trainer
+from resnet.driver import (check_batch_fits, check_shared_storage, connect_ray, export_best,
+                           make_trainer)
 from resnet.errors import TrainingFailed, UsageError
 from resnet.gradcam import gradcam_task
 from resnet.provenance import provenance
@@ -135,12 +136,14 @@ def plan_resources(base: TrainConfig, max_concurrent: int | None) -> tuple[Train
     gpus, cpus = total.get("GPU", 0), total.get("CPU", 1)
     use_gpu = base.use_gpu if base.use_gpu is not None else gpus > 0
     if use_gpu:  # each trial's share of the CPUs follows its share of the GPUs
-        per_worker_cpus = base.cpus_per_worker or max(1, int(cpus / gpus * base.gpus_per_worker))
+        per_worker_cpus = base.cpus_per_worker or (
+            max(1, int(cpus / gpus * base.gpus_per_worker)) if gpus else 1)
         fits = gpus // (base.num_workers * base.gpus_per_worker)
     else:
         per_worker_cpus = base.cpus_per_worker or 1
         fits = cpus // (base.num_workers * per_worker_cpus)
-    if fits < 1:
+    # With --max-concurrent the cluster may be smaller now: an autoscaler adds nodes on demand.
+    if fits < 1 and not max_concurrent:
         raise UsageError(f"one trial needs {base.num_workers} worker(s) x {per_worker_cpus} CPU"
                          f"{f' + {base.gpus_per_worker:g} GPU' if use_gpu else ''}; the cluster "
                          f"has {cpus:g} CPUs and {gpus:g} GPUs: lower --num-workers or "
@@ -159,9 +162,11 @@ def run_sweep(sweep: SweepConfig) -> dict[str, Any]:
           f"{'Parquet cache' if dataset.from_cache else 'decoded'} in {dataset.load_s:.1f}s); "
           f"split {splits.sizes()}", flush=True)
     check_batch_fits(base.replace(batch_size=largest(space, "batch_size", base.batch_size)), splits)
-    connect_ray()
+    embedded = connect_ray()
     base, concurrent = plan_resources(base, sweep.max_concurrent)
     root = storage.absolute(base.storage)
+    if not embedded:  # a cluster: every node must reach the storage
+        check_shared_storage(root)
     name = base.run_name
     exp_dir = storage.join(root, name)
     print(f"sweep {name}: {sweep.samples} trial(s) x {base.epochs} epochs of {base.model}, "

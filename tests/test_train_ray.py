@@ -11,7 +11,8 @@ import torch
 from resnet.checkpoint import inference_model, load_state, model_from_state
 from resnet.config import make_config
 from resnet.data import load_splits
-from resnet.driver import train_driver_fn
+from resnet.driver import check_shared_storage, train_driver_fn
+from resnet.errors import UsageError
 from resnet.models import build_model
 from resnet.train import evaluate
 
@@ -90,3 +91,10 @@ def test_ema_and_flip_tta_are_what_is_evaluated_and_exported(ray_local, shared_a
     x = val[0][:32].float() / 255
     with torch.no_grad():
         assert torch.allclose(exported(x), inference_model(state)(x), atol=1e-5)
+
+
+def test_storage_check_reads_a_marker_back_on_every_node(ray_local, tmp_path):
+    check_shared_storage(str(tmp_path))  # one node, local disk: visible, and nothing left behind
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(UsageError, match="not writable from the driver"):
+        check_shared_storage("/proc/no-such-storage")
