@@ -20,7 +20,7 @@ run: venv
 	$(PY) -m jobs.tune $(ARGS)
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=12 tests
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

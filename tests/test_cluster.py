@@ -58,7 +58,7 @@ def stop_head(temp_dir: str) -> None:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-        deadline = time.time() + 20
+        deadline = time.time() + 10
         while processes_of(temp_dir) and time.time() < deadline:
             time.sleep(0.5)
 

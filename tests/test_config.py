@@ -30,10 +30,18 @@ def test_unknown_keys_are_rejected():
     ({"name": "a/b"}, "no path separators"),
     ({"optimizer": "lbfgs"}, "choose one of sgd, adam, rmsprop"),
     ({"label_smoothing": 1.5}, "--label-smoothing must be in"),
+    # NCCL cannot share one GPU between the ranks of a group.
+    ({"gpus_per_worker": 0.25, "num_workers": 2}, "fractions below 1 need exactly 1 worker"),
+    ({"gpus_per_worker": 1.5}, "a fraction up to 1 or a whole number"),
+    ({"ema": 1.0}, "--ema must be in"),
 ])
 def test_invalid_values_are_usage_errors(overrides, message):
     with pytest.raises(UsageError, match=message):
         make_config(**overrides)
+
+
+def test_a_quarter_gpu_per_single_worker_run_is_allowed():
+    assert make_config(gpus_per_worker=0.25, num_workers=1).gpus_per_worker == 0.25
 
 
 def test_run_name_has_no_timestamp():
