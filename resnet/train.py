@@ -85,13 +85,13 @@ def ema_update(decay: float):
     @torch.no_grad()
     def update(ema_params: list[torch.Tensor], params: list[torch.Tensor],
                num_averaged: torch.Tensor) -> None:
-        # A 0-dim tensor on the device: no host sync per step.
+        # A 0-dim tensor on the device: no host sync per step. AveragedModel calls this once per
+        # (device, dtype) group, so one fused update covers the group, as in torch's own EMA.
         d = torch.clamp((1 + num_averaged) / (10 + num_averaged), max=decay)
-        for e, p in zip(ema_params, params):
-            if torch.is_floating_point(e):
-                e.lerp_(p, (1 - d).to(e.dtype))
-            else:  # integer buffers (BatchNorm's num_batches_tracked): the latest value
-                e.copy_(p)
+        if torch.is_floating_point(ema_params[0]):
+            torch._foreach_lerp_(ema_params, params, (1 - d).to(ema_params[0].dtype))
+        else:  # integer buffers (BatchNorm's num_batches_tracked): the latest value
+            torch._foreach_copy_(ema_params, params)
 
     return update
 
