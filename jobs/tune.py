@@ -21,10 +21,11 @@ def build_parser() -> OneLineParser:
                     "Writes <storage>/<name>/: Tune's experiment, train_runs/, trials.parquet, "
                     "summary.json, best/model.pt2 and gradcam/.",
         epilog="Defaults fit the hardware: with GPUs 16 trials x 50 epochs on all images plus "
-               "the keras trial; CPU only: 4 trials x 3 epochs on a 4,000-image subset with a "
-               "2,000-image validation split. Flags override the profile.")
+               "the keras trial; CPU only: one trial per schedule family x 3 epochs on a 4,000-image "
+               "subset with a 2,000-image validation split. Flags override the profile.")
     g = p.add_argument_group("sweep")
-    g.add_argument("--samples", type=int, help="trials sampled from the space (GPU 16, CPU 4)")
+    g.add_argument("--samples", type=int, help="trials sampled from the space, times its grid "
+                   "combinations (GPU 16; CPU 1 x the 3 schedule families)")
     g.add_argument("--epochs", type=int, help="epochs per trial, the schedule's length (GPU 50, CPU 3)")
     g.add_argument("--target", type=float, help="val_acc the sweep aims to pass (default 0.88)")
     g.add_argument("--scheduler", choices=("asha", "fifo"),

@@ -43,7 +43,9 @@ DEFAULT_SPACE: dict[str, Any] = {
 # steps, and the top of the full-data LR range would only diverge there.
 PROFILE_SPACE: dict[str, dict[str, Any]] = {
     "gpu": {},
-    "cpu": {"batch_size": {"choice": [64, 128]},
+    # One trial per schedule family, so that the few trials a CPU affords compare the families.
+    "cpu": {"schedule": {"grid": ["onecycle", "cosine", "step"]},
+            "batch_size": {"choice": [64, 128]},
             "lr": {"loguniform": {"sgd": [0.01, 0.1], "adam": [3e-4, 3e-3],
                                   "rmsprop": [3e-4, 3e-3]}}},
 }

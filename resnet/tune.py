@@ -82,7 +82,7 @@ class SweepConfig:
 # Flags given on the command line win over the profile.
 PROFILES: dict[str, dict[str, Any]] = {
     "gpu": {"samples": 16, "epochs": 50, "subset": None, "val_size": 5000, "keras_trial": True},
-    "cpu": {"samples": 4, "epochs": 3, "subset": 4000, "val_size": 2000, "keras_trial": False},
+    "cpu": {"samples": 1, "epochs": 3, "subset": 4000, "val_size": 2000, "keras_trial": False},
 }
 
 

@@ -108,7 +108,7 @@ def test_ray_job_submit_runs_the_tune_job_on_a_head_node(head_node, shared_archi
     submit = ray_cli(
         "job", "submit", "--address", address, "--submission-id", "tune-ci",
         "--runtime-env", "jobs/runtime_env.yaml", "--",
-        "python", "-m", "jobs.tune", "--data", str(shared_archive), "--samples", "2",
+        "python", "-m", "jobs.tune", "--data", str(shared_archive), "--samples", "1",
         "--epochs", "1", "--subset", "500", "--val-size", "500", "--cpus-per-worker", "1",
         "--gradcam-images", "3", "--storage", str(tmp_path), "--name", "submitted", env=env)
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]

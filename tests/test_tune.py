@@ -21,7 +21,7 @@ SPACE = {"lr": {"grid": [0.05, 0.1, 1e6]}, "schedule": "onecycle", "batch_size":
 def test_cpu_profile_fills_only_what_was_not_given(ray_local):
     from resnet.tune import make_sweep
     sweep = make_sweep({"model": "resnet20"}, {})
-    assert sweep.profile == "cpu" and (sweep.samples, sweep.keras_trial) == (4, False)
+    assert sweep.profile == "cpu" and (sweep.samples, sweep.keras_trial) == (1, False)
     assert (sweep.base.epochs, sweep.base.subset, sweep.base.val_size) == (3, 4000, 2000)
     assert sweep.base.run_name == "tune-resnet20-cpu-seed0" and sweep.grace == 1
     given = make_sweep({"epochs": 10, "subset": 500}, {"samples": 2, "scheduler": "fifo"})
