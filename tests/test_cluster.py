@@ -33,8 +33,8 @@ def ray_cli(*args: str, env: dict, timeout: int = 900) -> subprocess.CompletedPr
                           timeout=timeout)
 
 
-def processes_of(marker: str) -> set[int]:
-    """PIDs whose command line names ``marker``, and all their descendants (Linux /proc)."""
+def processes_of(*markers: str) -> set[int]:
+    """PIDs whose command line names any marker, and all their descendants (Linux /proc)."""
     table = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) != os.getpid():
@@ -44,22 +44,22 @@ def processes_of(marker: str) -> set[int]:
             except (OSError, ValueError, IndexError):
                 continue  # exited meanwhile
             table[int(entry.name)] = (cmd, ppid)
-    found = {pid for pid, (cmd, _) in table.items() if marker in cmd}
+    found = {pid for pid, (cmd, _) in table.items() if any(m in cmd for m in markers)}
     while more := {pid for pid, (_, ppid) in table.items() if ppid in found} - found:
         found |= more
     return found
 
 
-def stop_head(temp_dir: str) -> None:
+def stop_head(*markers: str) -> None:
     """Kill this head's processes only (`ray stop` would stop every Ray on the machine)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in processes_of(temp_dir):
+        for pid in processes_of(*markers):
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
         deadline = time.time() + 10
-        while processes_of(temp_dir) and time.time() < deadline:
+        while processes_of(*markers) and time.time() < deadline:
             time.sleep(0.5)
 
 
@@ -67,7 +67,8 @@ def stop_head(temp_dir: str) -> None:
 def head_node():
     """`ray start --head` on 127.0.0.1 with a fresh token; stopped whatever happens.
 
-    Its own short --temp-dir (Unix socket paths are short) marks its processes for stop_head.
+    Its own short --temp-dir (Unix socket paths are short) and its GCS address mark its
+    processes for stop_head (the Ray client server names only the address).
     """
     temp_dir = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")
     token = secrets.token_hex(32)
@@ -76,9 +77,10 @@ def head_node():
            # The job's `python` is this environment's, as on a node set up by cluster.yaml.
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
-    dashboard = free_port()
+    dashboard, gcs = free_port(), free_port()
+    markers = (temp_dir, f"127.0.0.1:{gcs} ")  # the space: not a prefix of another port
     started = ray_cli("start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host",
-                      "127.0.0.1", "--port", str(free_port()), "--dashboard-port", str(dashboard),
+                      "127.0.0.1", "--port", str(gcs), "--dashboard-port", str(dashboard),
                       "--ray-client-server-port", str(free_port()),
                       # Free ports, not the defaults: another Ray on this machine may hold them.
                       "--dashboard-agent-listen-port", str(free_port()),
@@ -98,8 +100,8 @@ def head_node():
         assert ready.returncode == 0, ready.stderr[-2000:]
         yield {"env": env, "address": address, "token": token}
     finally:
-        stop_head(temp_dir)
-        assert not processes_of(temp_dir), "the head node outlived the test"
+        stop_head(*markers)
+        assert not processes_of(*markers), "the head node outlived the test"
 
 
 @pytest.mark.e2e
