@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         from dataclasses import replace
 
         from resnet import storage
-        from resnet.bench import BenchConfig, print_tables, run_bench
+        from resnet.bench import BenchConfig, print_table, run_bench
         from resnet.provenance import provenance
         bench = BenchConfig.smoke_sized(args.data) if args.smoke else BenchConfig(data=args.data)
         if args.models:
@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
                 if value < 1:
                     raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
                 bench = replace(bench, **{flag: value})
-        results = run_bench(bench)
-        print_tables(results)
+        results = run_bench(bench, on_table=print_table)  # each table as soon as it is done
+        print(f"\njobs.bench on {results['device']}")
         out = {"bench": vars(bench) | {"models": list(bench.models)}, **results,
                "provenance": provenance()}
         storage.write_bytes(storage.absolute(args.out), json.dumps(out, indent=2).encode())

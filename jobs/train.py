@@ -73,6 +73,7 @@ def build_parser() -> OneLineParser:
                      "test-time augmentation in evaluation and in the exported model (fast preset)")
     tta.add_argument("--no-tta", dest="tta", action="store_const", const=False,
                      help="evaluate the image only (default)")
+    add_eval_variants_flag(opt)
 
     hw = p.add_argument_group("hardware and run")
     hw.add_argument("--num-workers", type=int, help=f"Ray Train workers, one DDP rank each "
@@ -102,6 +103,13 @@ def add_device_flags(group) -> None:
     group.add_argument("--gpus-per-worker", type=float, help="GPUs per worker with --gpu; 0.25 "
                        "packs 4 one-worker runs (trials) on a GPU; a fraction below 1 needs "
                        "--num-workers 1 (default 1)")
+
+
+def add_eval_variants_flag(group) -> None:
+    """--eval-variants, shared with jobs.tune."""
+    group.add_argument("--eval-variants", action="store_const", const=True,
+                       help="also report val_acc with the raw weights and without TTA each "
+                       "epoch (val_acc_plain, _tta_only, _ema_only), to measure those tricks")
 
 
 def parse_milestones_arg(text: str):

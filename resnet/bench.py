@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import ray
@@ -124,10 +124,14 @@ def bench_steps(bench: BenchConfig, splits_ref, cpus: int, storage_dir: str) -> 
     return rows
 
 
-def bench_workers(bench: BenchConfig, splits_ref, storage_dir: str) -> list[dict]:
-    """Table 5: aggregate samples/s of 2 workers x 1 CPU against 1 worker x 2 CPUs."""
+def bench_workers(bench: BenchConfig, splits_ref, storage_dir: str,
+                  one: float | None = None) -> list[dict]:
+    """Table 5: aggregate samples/s of 2 workers x 1 CPU against 1 worker x 2 CPUs. ``one``:
+    table 1's figure when that was the same run (a 2-CPU machine without GPU)."""
     model = bench.models[0]
-    one = project_samples_per_s(bench, splits_ref, model, 1, 2, False, storage_dir, "workers-1x2")
+    if one is None:
+        one = project_samples_per_s(bench, splits_ref, model, 1, 2, False, storage_dir,
+                                    "workers-1x2")
     two = project_samples_per_s(bench, splits_ref, model, 2, 1, False, storage_dir, "workers-2x1")
     return [{"model": model, "global_batch": bench.batch_size, "1_worker_x_2_cpus": one,
              "2_workers_x_1_cpu": two, "ratio": two / one, "target": ">= 0.9"}]
@@ -269,34 +273,43 @@ def bench_layout(bench: BenchConfig, cpus: int) -> list[dict]:
 
 # -- all of it ----------------------------------------------------------------------------------
 
-def run_bench(bench: BenchConfig) -> dict[str, Any]:
-    """Every table, in order; returns {table title: rows} plus the machine it ran on."""
+def run_bench(bench: BenchConfig, on_table: Callable[[str, list[dict]], None] | None = None
+              ) -> dict[str, Any]:
+    """Every table, in order; returns {table title: rows} plus the machine it ran on.
+    ``on_table(title, rows)`` is called as each table is done (long runs show progress)."""
     workdir = tempfile.mkdtemp(prefix="resnet-bench-")
     tables: dict[str, list[dict]] = {}
+
+    def done(title: str, rows: list[dict]) -> None:
+        tables[title] = rows
+        if on_table:
+            on_table(title, rows)
+
     # Start-up first, before this process starts its own Ray: jobs.train starts an embedded one.
-    tables["3. start-up of jobs.train (seconds)"] = bench_startup(bench, workdir)
+    done("3. start-up of jobs.train (seconds)", bench_startup(bench, workdir))
     _, splits = load_splits(bench.data, 500, bench.batch_size * (bench.steps + 1), 0)
     connect_ray()
     cpus = int(ray.cluster_resources().get("CPU", 1))
     splits_ref = ray.put(splits)
     storage_dir = os.path.join(workdir, "runs")
-    tables["1. training step throughput (samples/s)"] = bench_steps(bench, splits_ref, cpus,
-                                                                    storage_dir)
-    tables["2. data feeding (images/s)"] = bench_feeding(
-        bench, load_splits(bench.data, 500, min(bench.feed_images, 40000), 0)[1])
-    tables["4. layout and precision (samples/s, bare loop)"] = bench_layout(bench, cpus)
+    steps = bench_steps(bench, splits_ref, cpus, storage_dir)
+    done("1. training step throughput (samples/s)", steps)
+    done("2. data feeding (images/s)", bench_feeding(
+        bench, load_splits(bench.data, 500, min(bench.feed_images, 40000), 0)[1]))
+    done("4. layout and precision (samples/s, bare loop)", bench_layout(bench, cpus))
     if cpus >= 2:
-        tables["5. workers on one machine (samples/s, aggregate)"] = bench_workers(
-            bench, splits_ref, storage_dir)
-    return {"tables": dict(sorted(tables.items())), "cpus": cpus,
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+        same_run = cpus == 2 and not torch.cuda.is_available()  # table 1 ran 1 worker x 2 CPUs
+        done("5. workers on one machine (samples/s, aggregate)", bench_workers(
+            bench, splits_ref, storage_dir, steps[0]["project_samples_per_s"] if same_run else None))
+    return {"tables": dict(sorted(tables.items())), "cpus": cpus, "device": device_name(cpus)}
 
 
-def print_tables(results: dict[str, Any]) -> None:
+def device_name(cpus: int) -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU only, {cpus} CPUs"
+
+
+def print_table(title: str, rows: list[dict]) -> None:
     import pandas as pd
-    device = results["gpu"] or f"CPU only, {results['cpus']} CPUs"
-    print(f"jobs.bench on {device}")
-    for title, rows in results["tables"].items():
-        with pd.option_context("display.width", 200, "display.max_columns", 20,
-                               "display.float_format", "{:.3g}".format):
-            print(f"\n{title}\n{pd.DataFrame(rows).to_string(index=False)}")
+    with pd.option_context("display.width", 200, "display.max_columns", 20,
+                           "display.float_format", "{:.3g}".format):
+        print(f"\n{title}\n{pd.DataFrame(rows).to_string(index=False)}", flush=True)

@@ -57,6 +57,9 @@ class TrainConfig:
     # statistics) that is evaluated, checkpointed as the model and exported; 0 turns it off.
     ema: float = 0.0
     tta: bool = False  # flip test-time augmentation: mean logits of the image and its mirror
+    # Also report val_acc with each evaluation trick off (raw weights, no TTA): EMA and TTA only
+    # change evaluation, so one run measures both. Costs up to 4 more passes over val per epoch.
+    eval_variants: bool = False
     # Hardware.
     num_workers: int = 1
     use_gpu: bool | None = None  # None: use GPUs when the cluster has any

@@ -130,6 +130,12 @@ def _check_value(key: str, value: Any) -> None:
         raise UsageError(f"--space: {key}={value!r} is impossible ({exc})") from None
 
 
+def grid_size(space: dict[str, Any]) -> int:
+    """Combinations of the grid keys: each sample of the space runs every one of them."""
+    return math.prod(len(spec["grid"]) for spec in space.values()
+                     if isinstance(spec, dict) and "grid" in spec)
+
+
 def largest(space: dict[str, Any], key: str, default: Any) -> Any:
     """The largest value a key can take in the space (its constant, or the top of its range)."""
     spec = space.get(key, default)
@@ -158,9 +164,9 @@ def keras_point(space: dict[str, Any], base: TrainConfig) -> dict[str, Any]:
 
 def keras_config(base: TrainConfig) -> TrainConfig:
     """The keras preset, with the sweep's data, epochs, hardware and storage."""
-    keep = ("data", "val_size", "subset", "seed", "epochs", "num_workers", "use_gpu",
-            "gpus_per_worker", "cpus_per_worker", "amp", "channels_last", "max_failures",
-            "storage", "name")
+    keep = ("data", "val_size", "subset", "seed", "epochs", "eval_variants", "num_workers",
+            "use_gpu", "gpus_per_worker", "cpus_per_worker", "amp", "channels_last",
+            "max_failures", "storage", "name")
     return make_config("keras", **{key: getattr(base, key) for key in keep})
 
 

@@ -85,11 +85,14 @@ def ema_update(decay: float):
     @torch.no_grad()
     def update(ema_params: list[torch.Tensor], params: list[torch.Tensor],
                num_averaged: torch.Tensor) -> None:
-        # A 0-dim tensor on the device: no host sync per step. AveragedModel calls this once per
-        # (device, dtype) group, so one fused update covers the group, as in torch's own EMA.
-        d = torch.clamp((1 + num_averaged) / (10 + num_averaged), max=decay)
+        # AveragedModel calls this once per (device, dtype) group: fused updates cover the group.
+        # The decay stays a 0-dim tensor on the device, so no host sync per step: the foreach
+        # ops take a tensor factor (lerp would turn it into a Python scalar, which syncs on CUDA).
         if torch.is_floating_point(ema_params[0]):
-            torch._foreach_lerp_(ema_params, params, (1 - d).to(ema_params[0].dtype))
+            d = torch.clamp((1 + num_averaged) / (10 + num_averaged), max=decay)
+            d = d.to(ema_params[0].dtype)
+            torch._foreach_mul_(ema_params, d)  # ema = d * ema + (1 - d) * param
+            torch._foreach_add_(ema_params, torch._foreach_mul(params, 1 - d))
         else:  # integer buffers (BatchNorm's num_batches_tracked): the latest value
             torch._foreach_copy_(ema_params, params)
 
@@ -125,6 +128,20 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
         totals[2] += len(ids)
     loss_sum, correct, count = all_reduce_sum(totals).tolist()
     return loss_sum / count + float(l2_penalty(model, config.l2)), correct / count
+
+
+def evaluate_variants(net: nn.Module, eval_net: nn.Module, images: torch.Tensor,
+                      labels: torch.Tensor, device: torch.device, config: TrainConfig,
+                      rank: int = 0, world: int = 1) -> dict[str, float]:
+    """val_acc with the evaluation tricks off: "plain" (raw weights, no TTA), and with only TTA
+    or only the EMA when they are on. ``net`` is the raw model, ``eval_net`` the EMA (or net)."""
+    variants = {"plain": net}
+    if config.tta:
+        variants["tta_only"] = FlipTTA(net)
+    if eval_net is not net:
+        variants["ema_only"] = eval_net
+    return {f"val_acc_{name}": evaluate(m, images, labels, device, config, rank, world)[1]
+            for name, m in variants.items()}
 
 
 def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
@@ -219,6 +236,8 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
                    "val_loss": val_loss, "val_acc": val_acc,
                    "epoch_s": time.perf_counter() - started, "samples_per_s": count / train_s,
                    "step": step, "diverged": not math.isfinite(loss_sum)}
+        if config.eval_variants:
+            metrics.update(evaluate_variants(net, eval_net, val_x, val_y, device, config, rank, world))
         history.append(metrics)
         previous_best = best_acc
         if val_acc > best_acc:
@@ -249,7 +268,8 @@ def report(metrics: dict[str, Any], rank: int, state: dict[str, Any]) -> None:
 
 
 def log_epoch(m: dict[str, Any], epochs: int, previous_best: float, prefix: str = "") -> None:
-    log.info(prefix + epoch_line(m, epochs))
+    variants = [f"{k[len('val_acc_'):]} {v:.4f}" for k, v in m.items() if k.startswith("val_acc_")]
+    log.info(prefix + epoch_line(m, epochs) + (f" (val_acc {', '.join(variants)})" if variants else ""))
     if m["diverged"]:
         log.info(f"{prefix}loss is {m['loss']} at epoch {m['epoch']}: the run diverged and stops "
                  "here (try a lower --lr)")

@@ -9,7 +9,9 @@ from ray import tune
 
 from resnet.config import make_config
 from resnet.errors import UsageError
-from resnet.space import DEFAULT_SPACE, keras_point, load_space, to_tune, trial_config
+from resnet.space import (DEFAULT_SPACE, grid_size, keras_point, load_space, to_tune,
+                          trial_config)
+from tests.conftest import ROOT
 
 
 def write(tmp_path, text: str, name: str = "space.yaml"):
@@ -74,3 +76,9 @@ def test_keras_trial_is_the_keras_recipe_with_the_sweeps_data_and_epochs():
         ("rmsprop", 7, 3000, 2)
     assert config.milestones == make_config("keras").milestones
     json.dumps(config.to_dict())  # plain JSON for summaries
+
+
+def test_the_tricks_space_file_is_a_full_factorial_around_the_fast_recipe():
+    space = load_space(str(ROOT / "jobs" / "spaces" / "tricks.yaml"), "sgd")
+    assert grid_size(space) == 16 and grid_size(load_space(None, "sgd")) == 1
+    assert (space["schedule"], space["lr"], space["batch_size"]) == ("onecycle", 0.2, 256)
