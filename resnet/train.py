@@ -21,13 +21,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.swa_utils import AveragedModel
 
 from resnet import timing
 from resnet.augment import augment, plan_epoch
 from resnet.checkpoint import load_state, save_state
 from resnet.config import TrainConfig
 from resnet.data import Splits
+from resnet.ema import EMA
 from resnet.models import FlipTTA, build_model, conv_kernels, set_bn_momentum
 from resnet.schedules import make_schedule
 
@@ -75,28 +75,6 @@ def to_input(x: torch.Tensor, device: torch.device, config: TrainConfig) -> torc
     if config.channels_last:
         return x.contiguous(memory_format=torch.channels_last)
     return x
-
-
-def ema_update(decay: float):
-    """AveragedModel's EMA update, with TensorFlow's warm-up of the decay: the n-th update uses
-    min(decay, (1 + n) / (10 + n)), so the average follows the fast-moving early weights
-    instead of remembering the random initial ones for thousands of steps."""
-
-    @torch.no_grad()
-    def update(ema_params: list[torch.Tensor], params: list[torch.Tensor],
-               num_averaged: torch.Tensor) -> None:
-        # AveragedModel calls this once per (device, dtype) group: fused updates cover the group.
-        # The decay stays a 0-dim tensor on the device, so no host sync per step: the foreach
-        # ops take a tensor factor (lerp would turn it into a Python scalar, which syncs on CUDA).
-        if torch.is_floating_point(ema_params[0]):
-            d = torch.clamp((1 + num_averaged) / (10 + num_averaged), max=decay)
-            d = d.to(ema_params[0].dtype)
-            torch._foreach_mul_(ema_params, d)  # ema = d * ema + (1 - d) * param
-            torch._foreach_add_(ema_params, torch._foreach_mul(params, 1 - d))
-        else:  # integer buffers (BatchNorm's num_batches_tracked): the latest value
-            torch._foreach_copy_(ema_params, params)
-
-    return update
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -169,8 +147,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(net)  # moves to device; DDP when world > 1
     optimizer = make_optimizer(config, param_groups(net, config))
     # The EMA copy (weights and BatchNorm statistics) is what gets evaluated and exported.
-    ema = AveragedModel(net, multi_avg_fn=ema_update(config.ema),
-                        use_buffers=True) if config.ema else None
+    ema = EMA(net, config.ema) if config.ema else None
     eval_net = ema.module if ema is not None else net
     eval_model = FlipTTA(eval_net) if config.tta else eval_net
 
@@ -185,7 +162,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         net.load_state_dict(state.get("train_model", state["model"]))
         if ema is not None and "train_model" in state:
             ema.module.load_state_dict(state["model"])
-            ema.n_averaged.fill_(state["ema_count"])
+            ema.n_averaged = state["ema_count"]
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, step = state["epoch"], state["step"]
         best_acc, best_epoch, history = state["best_val_acc"], state["best_epoch"], state["history"]
@@ -250,7 +227,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
                  "best_epoch": best_epoch, "history": history, "config": config.to_dict(),
                  "classes": list(splits.classes)}
         if ema is not None:
-            state.update(train_model=net.state_dict(), ema_count=int(ema.n_averaged))
+            state.update(train_model=net.state_dict(), ema_count=ema.n_averaged)
         report(metrics, rank, state)
         if metrics["diverged"]:
             return

@@ -25,12 +25,10 @@ def test_weight_decay_skips_batchnorm_and_biases_when_asked(bn_bias_decay):
     assert len(bn_and_bias) == 19 * 2 + 21 + 1  # BN weight+bias, conv biases, dense bias
 
 
-def test_ema_update_warms_its_decay_up_then_caps_it():
-    from torch.optim.swa_utils import AveragedModel
-
-    from resnet.train import ema_update
+def test_ema_warms_its_decay_up_then_caps_it():
+    from resnet.ema import EMA
     net = torch.nn.Linear(2, 1)
-    ema = AveragedModel(net, multi_avg_fn=ema_update(0.9), use_buffers=True)
+    ema = EMA(net, 0.9)
     w0 = net.weight.detach().clone()
     for _ in range(3):  # the weights move by +1 per step
         with torch.no_grad():
@@ -43,4 +41,29 @@ def test_ema_update_warms_its_decay_up_then_caps_it():
     for _ in range(200):
         ema.update_parameters(net)  # the weights stay put: the average converges on them
     assert torch.allclose(ema.module.weight, net.weight, atol=1e-6)
-    assert int(ema.n_averaged) == 203
+    assert ema.n_averaged == 203 and not ema.module.weight.requires_grad
+
+
+def test_ema_equals_torchs_averaged_model_with_the_same_decay():
+    from torch.optim.swa_utils import AveragedModel
+
+    from resnet.ema import EMA
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    ours = EMA(net, 0.9)
+
+    def warmed_up(averages, params, n) -> None:  # the same rule, one tensor at a time
+        d = min(0.9, (1 + int(n)) / (10 + int(n)))
+        for a, p in zip(averages, params):
+            a.copy_(d * a + (1 - d) * p if a.is_floating_point() else p)
+
+    reference = AveragedModel(net, multi_avg_fn=warmed_up, use_buffers=True)
+    for _ in range(30):
+        with torch.no_grad():
+            net[0].weight.add_(torch.randn_like(net[0].weight))
+            net.train()(torch.randn(2, 3, 5, 5))  # moves the BatchNorm statistics
+        ours.update_parameters(net)
+        reference.update_parameters(net)
+    for (key, a), b in zip(ours.module.state_dict().items(), reference.module.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), key
+    assert ours.n_averaged == int(reference.n_averaged) == 30
