@@ -7,7 +7,7 @@ ARGS ?=
 
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: run test venv clean
+.PHONY: run test venv chromium clean
 
 venv: $(VENV)/.installed
 
@@ -19,8 +19,15 @@ $(VENV)/.installed: pyproject.toml
 run: venv
 	$(PY) -m jobs.tune $(ARGS)
 
-test: venv
+test: venv chromium
 	$(PY) -m pytest -q --durations=12 tests
+
+# The report test renders report.html in headless Chromium: Debian's package, when absent.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium) || \
+	  echo "could not install chromium (needs apt and root): the report rendering test will fail"
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

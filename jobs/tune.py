@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from jobs.train import add_device_flags
+from jobs.train import add_device_flags, add_eval_variants_flag
 from resnet.config import CAM_METHODS, MODELS, OPTIMIZERS
 from resnet.errors import OneLineParser, run_main
 
@@ -48,6 +48,7 @@ def build_parser() -> OneLineParser:
     g.add_argument("--gradcam-images", type=int, help="held-out images explained with Grad-CAM "
                    "after the sweep, one per class first; 0 = none (default 10)")
     g.add_argument("--gradcam-method", choices=CAM_METHODS, help="CAM method (default gradcam)")
+    add_eval_variants_flag(g)
 
     d = p.add_argument_group("data and model")
     d.add_argument("--data", help="data source, as for jobs.train (default: $CIFAR10_DATA, else "

@@ -3,17 +3,22 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 from ray.tune import ExperimentAnalysis
 
+from resnet import storage
 from resnet.config import TrainConfig
-from resnet.space import RECIPE_KEY, trial_config
+from resnet.space import RECIPE_KEY, TUNABLE, trial_config
 
+SWEEP_FILE = "sweep.json"  # the sweep's settings, written when it starts (jobs.analyze reads it)
 METRICS = ("epoch", "lr", "loss", "acc", "val_loss", "val_acc", "epoch_s", "samples_per_s",
            "step", "diverged", "checkpoint_path", "time_total_s")
 TABLE_KEYS = ("schedule", "lr", "batch_size", "weight_decay", "label_smoothing", "warmup_frac",
@@ -50,7 +55,8 @@ def collect_results(exp_dir: str, base: TrainConfig, target: float) -> SweepResu
     for trial in analysis.trials:
         rows = analysis.trial_dataframes.get(trial.trial_id)
         rows = pd.DataFrame(columns=list(METRICS)) if rows is None or rows.empty else rows
-        rows = rows.reindex(columns=list(METRICS)).copy()
+        variants = [c for c in rows.columns if c.startswith("val_acc_")]  # --eval-variants
+        rows = rows.reindex(columns=[*METRICS, *variants]).copy()
         if "epoch" in rows and len(rows):  # a resumed trial may re-report an epoch: keep the last
             rows = rows.drop_duplicates("epoch", keep="last")
         config = configs[trial.trial_id] = trial_config(base, trial.config)
@@ -101,31 +107,62 @@ def first_at_target(trials: pd.DataFrame, target: float) -> dict[str, Any] | Non
     return {"trial_id": trial, "epoch": epoch}
 
 
-def per_trial(trials: pd.DataFrame, target: float) -> pd.DataFrame:
-    """One row per trial: key hyperparameters, best val_acc and its epoch, sorted best first."""
+def per_trial(trials: pd.DataFrame, target: float, configs: dict[str, TrainConfig] | None = None,
+              metric: str = "val_acc") -> pd.DataFrame:
+    """One row per trial: key hyperparameters, best ``metric`` (lowest for a loss) and its
+    epoch, first epoch at the val_acc target, wall time and CPU/GPU-seconds; best first."""
+    lower = metric_mode(metric) == "min"
     rows = []
     first = first_epochs(trials, target)
     for trial_id, group in trials.groupby("trial_id", sort=False):
-        scored = group[group["val_acc"].notna()]
-        top = scored.loc[scored["val_acc"].astype(float).idxmax()] if len(scored) else None
+        scored = group[pd.to_numeric(group[metric], errors="coerce").notna()] \
+            if metric in group else group.iloc[:0]
+        values = scored[metric].astype(float) if len(scored) else None
+        top = scored.loc[values.idxmin() if lower else values.idxmax()] if len(scored) else None
         head = group.iloc[0]
+        wall = pd.to_numeric(group["time_total_s"], errors="coerce").max()
+        wall = float(wall) if pd.notna(wall) else 0.0
+        config = (configs or {}).get(trial_id)
+        workers = config.num_workers if config else 1
         rows.append({
             "trial": trial_id, "status": head["status"],
             "recipe": head[RECIPE_KEY] if head[RECIPE_KEY] != "search" else head["config/schedule"],
             **{key: head[f"config/{key}"] for key in TABLE_KEYS if key != "schedule"},
-            "best_val_acc": float(top["val_acc"]) if top is not None else math.nan,
+            f"best_{metric}": float(top[metric]) if top is not None else math.nan,
             "best_epoch": int(top["epoch"]) if top is not None else None,
             "first_at_target": first[trial_id],
             "epochs": int(scored["epoch"].max()) if len(scored) else 0,
+            "wall_s": round(wall, 1),
+            # Reserved, not measured use: wall time x the trial's workers x their share.
+            "cpu_s": round(wall * workers * ((config.cpus_per_worker or 1) if config else 1), 1),
+            "gpu_s": round(wall * workers * config.gpus_per_worker, 1)
+            if config and config.use_gpu else 0.0,
         })
     table = pd.DataFrame(rows)
-    return table.sort_values("best_val_acc", ascending=False, na_position="last",
-                             kind="stable").reset_index(drop=True) if len(table) else table
+    if not len(table):
+        return table
+    # The other keys the searched trials varied (a --space grid over cutout, say) get columns too.
+    firsts = trials.drop_duplicates("trial_id").set_index("trial_id")
+    searched = firsts[firsts[RECIPE_KEY] == "search"]  # the Keras trial differs in everything
+    for key in TUNABLE:
+        column = f"config/{key}"
+        if key not in TABLE_KEYS and column in firsts and searched[column].nunique() > 1:
+            table.insert(table.columns.get_loc(f"best_{metric}"), key,
+                         firsts.loc[table["trial"], column].to_numpy())
+    # Best first; a diverged trial never ranks above one that trained (it is never the winner).
+    table = table.sort_values(f"best_{metric}", ascending=lower, na_position="last", kind="stable")
+    return table.sort_values("status", key=lambda s: s == "diverged",
+                             kind="stable").reset_index(drop=True)
+
+
+def metric_mode(metric: str) -> str:
+    """Losses are minimised, everything else (accuracies) maximised."""
+    return "min" if metric.endswith("loss") else "max"
 
 
 def print_table(results: SweepResults, target: float) -> None:
-    table = per_trial(results.trials, target)
-    with pd.option_context("display.width", 160, "display.max_columns", 20,
+    table = per_trial(results.trials, target, results.configs)
+    with pd.option_context("display.width", 200, "display.max_columns", 30,
                            "display.float_format", "{:.4g}".format):
         print(table.to_string(index=False), flush=True)
     hit = results.first_at_target
@@ -142,3 +179,12 @@ def print_table(results: SweepResults, target: float) -> None:
 def _plain(value: Any) -> Any:
     """numpy/pandas scalars to plain Python (for JSON)."""
     return value.item() if hasattr(value, "item") else value
+
+
+def write_parquet(path: str, frame: pd.DataFrame, meta: dict[str, Any]) -> None:
+    """The trial rows, with ``meta`` (sweep settings, provenance) in the file's metadata."""
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    table = table.replace_schema_metadata({"resnet": json.dumps(meta, default=str)})
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    storage.write_bytes(path, buffer.getvalue())

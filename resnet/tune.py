@@ -8,16 +8,12 @@ Under ``<storage>/<name>/``: Tune's experiment (trial folders, restorable), ``tr
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -32,9 +28,10 @@ from resnet.driver import (check_batch_fits, check_shared_storage, connect_ray, 
 from resnet.errors import TrainingFailed, UsageError
 from resnet.gradcam import gradcam_task
 from resnet.provenance import provenance
-from resnet.results import SweepResults, collect_results, print_table
-from resnet.space import (PROFILE_SPACE, keras_point, largest, load_space, to_tune,
-                          trial_config)
+from resnet.results import (SWEEP_FILE, SweepResults, collect_results, print_table,
+                            write_parquet)
+from resnet.space import (PROFILE_SPACE, grid_size, keras_point, largest, load_space,
+                          to_tune, trial_config)
 
 TRAIN_RUNS = "train_runs"
 SWEEP_PRESET = "fast"  # every searched trial starts from the fast recipe: the search's centre
@@ -169,7 +166,8 @@ def run_sweep(sweep: SweepConfig) -> dict[str, Any]:
         check_shared_storage(root)
     name = base.run_name
     exp_dir = storage.join(root, name)
-    print(f"sweep {name}: {sweep.samples} trial(s) x {base.epochs} epochs of {base.model}, "
+    trials = sweep.samples * grid_size(space) + sweep.keras_trial
+    print(f"sweep {name}: {trials} trial(s) x {base.epochs} epochs of {base.model}, "
           f"{base.num_workers} worker(s) x {base.cpus_per_worker} CPU"
           f"{f' + {base.gpus_per_worker:g} GPU' if base.use_gpu else ''} per trial, up to "
           f"{concurrent} at a time, {sweep.scheduler.upper()}"
@@ -184,6 +182,13 @@ def run_sweep(sweep: SweepConfig) -> dict[str, Any]:
     # here would leave one core idle per trial).
     trainable = tune.with_resources(trainable, {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
     tuner = make_tuner(sweep, trainable, space, root, name, concurrent, exp_dir)
+    # The settings before any trial (jobs.analyze reads a running sweep with them); a resumed
+    # sweep keeps the ones it started with. After make_tuner, which refuses a clash of names.
+    settings = storage.join(exp_dir, SWEEP_FILE)
+    if not (sweep.resume and storage.read_bytes(settings) is not None):
+        storage.write_bytes(settings, json.dumps(
+            {"sweep": sweep_dict(replace(sweep, base=base)), "provenance": provenance()},
+            default=str).encode())
     tuner.fit()  # trial errors stay in the results; they do not raise here
     results = collect_results(exp_dir, base, sweep.target)
     write_parquet(storage.join(exp_dir, "trials.parquet"), results.trials,
@@ -216,7 +221,9 @@ def make_tuner(sweep: SweepConfig, trainable, space: dict[str, Any], root: str, 
     return tune.Tuner(
         trainable, param_space=to_tune(space),
         tune_config=tune.TuneConfig(
-            metric="val_acc", mode="max", scheduler=scheduler, num_samples=sweep.samples,
+            # Tune's points replace samples; the Keras trial comes on top of --samples.
+            metric="val_acc", mode="max", scheduler=scheduler,
+            num_samples=sweep.samples + len(points),
             trial_dirname_creator=trial_dirname,
             # The generator limits concurrency itself (Tune ignores max_concurrent_trials with it).
             search_alg=BasicVariantGenerator(points_to_evaluate=points, max_concurrent=concurrent,
@@ -271,12 +278,3 @@ def sweep_dict(sweep: SweepConfig) -> dict[str, Any]:
     out = asdict(sweep)
     out["base"] = sweep.base.to_dict()
     return out
-
-
-def write_parquet(path: str, frame: pd.DataFrame, meta: dict[str, Any]) -> None:
-    table = pa.Table.from_pandas(frame, preserve_index=False)
-    table = table.replace_schema_metadata({"resnet": json.dumps(meta, default=str)})
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    storage.write_bytes(path, buffer.getvalue())
-

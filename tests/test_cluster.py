@@ -107,12 +107,15 @@ def head_node():
 @pytest.mark.e2e
 def test_ray_job_submit_runs_the_tune_job_on_a_head_node(head_node, shared_archive, tmp_path):
     env, address = head_node["env"], head_node["address"]
+    space = tmp_path / "space.json"  # one trial: the CPU profile would run one per schedule family
+    space.write_text('{"schedule": "onecycle"}')
     submit = ray_cli(
         "job", "submit", "--address", address, "--submission-id", "tune-ci",
         "--runtime-env", "jobs/runtime_env.yaml", "--",
         "python", "-m", "jobs.tune", "--data", str(shared_archive), "--samples", "1",
         "--epochs", "1", "--subset", "500", "--val-size", "500", "--cpus-per-worker", "1",
-        "--gradcam-images", "3", "--storage", str(tmp_path), "--name", "submitted", env=env)
+        "--space", str(space), "--gradcam-images", "3", "--storage", str(tmp_path),
+        "--name", "submitted", env=env)
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
     status = ray_cli("job", "status", "--address", address, "tune-ci", env=env, timeout=120)
     assert "Job 'tune-ci' succeeded" in status.stdout, status.stdout[-2000:]

@@ -13,9 +13,6 @@ from PIL import Image
 from resnet.checkpoint import load_state
 from tests.conftest import run_job
 
-# Three trials by grid: two sane learning rates and one that must diverge.
-SPACE = {"lr": {"grid": [0.05, 0.1, 1e6]}, "schedule": "onecycle", "batch_size": 64}
-
 
 @pytest.mark.ray
 def test_cpu_profile_fills_only_what_was_not_given(ray_local):
@@ -30,33 +27,27 @@ def test_cpu_profile_fills_only_what_was_not_given(ray_local):
     assert given.grace == 2  # a fifth of the epochs
 
 
-@pytest.fixture(scope="module")
-def sweep(shared_archive, tmp_path_factory):
-    """One real sweep (3 trials x 2 epochs, 1 CPU worker each, 2,000 images), shared below."""
-    tmp = tmp_path_factory.mktemp("sweep")
-    (tmp / "space.json").write_text(json.dumps(SPACE))
-    args = ["jobs.tune", "--data", str(shared_archive), "--samples", "1", "--epochs", "2",
-            "--subset", "2000", "--num-workers", "1", "--cpus-per-worker", "1",
-            "--scheduler", "asha", "--space", str(tmp / "space.json"),
-            "--storage", str(tmp), "--name", "sweep"]
-    proc = run_job(*args)
-    return {"args": args, "proc": proc, "dir": tmp / "sweep"}
-
-
 @pytest.mark.e2e
 def test_sweep_finds_the_best_trial_and_explains_it(sweep):
     proc, exp = sweep["proc"], sweep["dir"]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     trials = pd.read_parquet(exp / "trials.parquet")
     summary = json.loads((exp / "summary.json").read_text())
-    assert trials["trial_id"].nunique() == 3
+    # The Keras trial comes on top of the grid's two (Tune's points replace samples).
+    assert trials["trial_id"].nunique() == 3 and "3 trial(s)" in proc.stdout
+    assert trials.drop_duplicates("trial_id")["recipe"].value_counts().to_dict() == \
+        {"search": 2, "keras": 1}
     assert not trials.duplicated(["trial_id", "epoch"]).any()
     assert {"config/lr", "config/schedule", "val_acc", "loss", "lr", "epoch"} <= set(trials.columns)
+    # --eval-variants: the fast recipe's trials also report val_acc without EMA and TTA.
+    searched = trials[(trials["recipe"] == "search") & (trials["status"] != "diverged")]
+    for column in ("val_acc_plain", "val_acc_tta_only", "val_acc_ema_only"):
+        assert searched[column].between(0, 1).all()
 
     # The huge LR diverged and stopped itself; the others ran.
     status = trials.drop_duplicates("trial_id").set_index("config/lr")["status"]
     assert status[1e6] == "diverged"
-    assert set(status[[0.05, 0.1]]) <= {"completed", "early-stopped"} and "completed" in set(status)
+    assert set(status[[0.1, 0.003]]) <= {"completed", "early-stopped"} and "completed" in set(status)
     assert summary["trials"]["diverged"] == 1
 
     # The winner is the highest val_acc in trials.parquet, and its checkpoint is that epoch's.
@@ -98,8 +89,10 @@ def test_resume_of_a_finished_sweep_does_not_retrain(sweep):
     assert after[["trial_id", "epoch", "val_acc"]].equals(before[["trial_id", "epoch", "val_acc"]])
     assert {p: p.stat().st_mtime_ns for p in checkpoints} == checkpoints
 
+    written = {p: p.stat().st_mtime_ns for p in exp.iterdir() if p.is_file()}
     again = run_job(*sweep["args"])  # without --resume an existing sweep is not touched
     assert again.returncode == 2 and "already exists" in again.stderr and "--resume" in again.stderr
+    assert {p: p.stat().st_mtime_ns for p in written} == written  # sweep.json included
 
 
 @pytest.mark.e2e

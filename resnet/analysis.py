@@ -1,0 +1,181 @@
+"""What happened in a sweep that ``jobs.tune`` wrote, finished or still running: per-trial tables,
+plots, Parquet/CSV and a self-contained HTML report.
+
+For notebooks: ``load_trials(path)`` (one row per trial and epoch) and ``best_trial(path)`` (the
+winner's row), both pandas DataFrames. Trials are read through Ray Tune's ``ExperimentAnalysis``, so
+a sweep that is still running reads too (its trials show as running or pending).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import matplotlib
+import matplotlib.ticker
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from ray import tune  # noqa: E402
+
+from resnet import storage  # noqa: E402
+from resnet.config import TARGET_ACC, TrainConfig  # noqa: E402
+from resnet.errors import UsageError  # noqa: E402
+from resnet.results import SWEEP_FILE, SweepResults, collect_results, per_trial  # noqa: E402
+
+UNFINISHED = ("running", "pending", "paused")
+PLOTS = ("curves.png", "lr.png", "confusion.png")
+
+
+@dataclass
+class Analysis:
+    """A sweep's results plus what the report needs."""
+
+    exp_dir: str
+    settings: dict[str, Any]  # {"sweep": SweepConfig as a dict, "provenance": ...}
+    results: SweepResults
+    table: pd.DataFrame  # one row per trial, best first
+    metric: str
+    partial: bool  # some trial is unfinished, or the sweep has not written summary.json yet
+
+    @property
+    def winner(self) -> pd.Series | None:
+        scored = self.table[self.table[f"best_{self.metric}"].notna()
+                            & (self.table["status"] != "diverged")]
+        return scored.iloc[0] if len(scored) else None
+
+
+def open_experiment(path: str, metric: str = "val_acc") -> Analysis:
+    """Read a sweep directory (local path or URI); bad input is a UsageError."""
+    exp_dir = storage.absolute(path)
+    if not tune.Tuner.can_restore(exp_dir):
+        raise UsageError(f"{path} is not a Tune experiment (no experiment_state-*.json in it); "
+                         "pass the folder jobs.tune wrote, <storage>/<name>")
+    settings = read_settings(exp_dir)
+    base = TrainConfig.from_dict(settings["sweep"]["base"])
+    target = settings["sweep"].get("target", TARGET_ACC)
+    results = collect_results(exp_dir, base, target)
+    reported = results.trials.dropna(axis=1, how="all").columns
+    if results.trials.empty or results.trials["epoch"].isna().all():
+        raise UsageError(f"{path}: no trial has reported an epoch yet; wait for the first epoch, "
+                         "or read the trial errors in that folder")
+    if metric not in reported:
+        known = sorted(c for c in reported if c.startswith(("val_", "loss", "acc")))
+        raise UsageError(f"--metric {metric}: no trial reported it; reported: {', '.join(known)}")
+    table = per_trial(results.trials, target, results.configs, metric)
+    partial = bool(table["status"].isin(UNFINISHED).any()) or \
+        storage.read_bytes(storage.join(exp_dir, "summary.json")) is None
+    return Analysis(exp_dir, settings, results, table, metric, partial)
+
+
+def read_settings(exp_dir: str) -> dict[str, Any]:
+    """sweep.json; for sweeps written before it existed, trials.parquet's metadata."""
+    data = storage.read_bytes(storage.join(exp_dir, SWEEP_FILE))
+    if data is not None:
+        return json.loads(data)
+    parquet = storage.read_bytes(storage.join(exp_dir, "trials.parquet"))
+    if parquet is not None:
+        import pyarrow.parquet as pq
+        meta = pq.read_schema(io.BytesIO(parquet)).metadata or {}
+        if b"resnet" in meta:
+            return json.loads(meta[b"resnet"])
+    raise UsageError(f"{exp_dir} has no {SWEEP_FILE}: it is a Tune experiment, but not one "
+                     "written by jobs.tune")
+
+
+def load_trials(path: str) -> pd.DataFrame:
+    """One row per (trial, epoch): trial_id, status, recipe, every metric, config/<key>."""
+    return open_experiment(path).results.trials
+
+
+def best_trial(path: str, metric: str = "val_acc") -> pd.DataFrame:
+    """The per-trial table's best row (highest ``metric``, lowest for a loss), as a DataFrame."""
+    return open_experiment(path, metric).table.head(1)
+
+
+# -- plots ---------------------------------------------------------------------------------------
+
+def plot_per_epoch(analysis: Analysis, column: str, title: str, target: float | None = None,
+                   log: bool = False) -> bytes:
+    """``column`` against epoch for every trial; the winner drawn thick and labelled."""
+    winner = analysis.winner
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    for trial_id, rows in analysis.results.trials.groupby("trial_id", sort=True):
+        rows = rows[rows[column].notna()]
+        if rows.empty:
+            continue
+        best = winner is not None and trial_id == winner["trial"]
+        ax.plot(rows["epoch"].astype(int), rows[column].astype(float), marker="o", markersize=3,
+                linewidth=2.8 if best else 1.0, alpha=1.0 if best else 0.45, zorder=3 if best else 2,
+                color="tab:red" if best else None,
+                label=f"winner {trial_id}" if best else None)
+    if target is not None:
+        ax.axhline(target, color="black", linestyle="--", linewidth=1, label=f"target {target:g}")
+    ax.set(xlabel="epoch", ylabel=column, title=title)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    if log:  # LRs span decades (a diverging trial's can be huge); zeros are left out
+        ax.set_yscale("log", nonpositive="mask")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    return _png(fig)
+
+
+def plot_confusion(matrix: np.ndarray, classes: list[str], title: str) -> bytes:
+    """Rows: true class, columns: predicted; colour is the share of the row, text the count."""
+    share = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(8, 7), dpi=110)
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i, j in np.ndindex(matrix.shape):
+        ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=8,
+                color="white" if share[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def winner_confusion(analysis: Analysis) -> tuple[bytes | None, str]:
+    """The winner's confusion matrix on the held-out split (test when the source has one,
+    else validation); (None, reason) when its checkpoint or data cannot be read."""
+    import ray.train
+    import torch
+
+    from resnet.checkpoint import inference_model, load_state
+    from resnet.data import load_splits
+
+    best = analysis.results.best
+    if best is None:
+        return None, "no checkpoint of a trial that did not diverge"
+    try:
+        state = load_state(ray.train.Checkpoint(best["checkpoint_path"]))
+        config = TrainConfig.from_dict(state["config"])
+        _, splits = load_splits(config.data, config.val_size, config.subset, config.seed)
+    except UsageError as exc:
+        return None, str(exc)
+    held_out = "test" if splits.test_x is not None else "validation"
+    x, y = (splits.test_x, splits.test_y) if splits.test_x is not None else (splits.val_x,
+                                                                             splits.val_y)
+    model = inference_model(state)
+    with torch.no_grad():  # N x 3 x 32 x 32 uint8 -> N predicted class ids, 1,000 at a time
+        predicted = np.concatenate([
+            model(torch.from_numpy(x[i:i + 1000]).float().div_(255)).argmax(1).numpy()
+            for i in range(0, len(y), 1000)])
+    classes = list(state.get("classes", splits.classes))
+    matrix = np.zeros((len(classes), len(classes)), np.int64)
+    np.add.at(matrix, (y.astype(np.int64), predicted), 1)
+    accuracy = float(np.trace(matrix) / max(matrix.sum(), 1))
+    title = (f"trial {best['trial_id']} epoch {best['epoch']}: {held_out} split, "
+             f"{len(y)} images, accuracy {accuracy:.4f}")
+    return plot_confusion(matrix, classes, title), title
