@@ -33,7 +33,7 @@ from resnet.train import evaluate, train_fn_per_worker
 
 # Keys that may change between a run and its resumption: where and on what it runs.
 NON_IDENTITY_KEYS = {"num_workers", "use_gpu", "gpus_per_worker", "cpus_per_worker", "amp",
-                     "channels_last", "storage", "name", "data", "max_failures"}
+                     "channels_last", "storage", "name", "data", "max_failures", "eval_variants"}
 
 
 def connect_ray() -> bool:
@@ -115,7 +115,10 @@ def check_resumable(run_dir: str, config: TrainConfig, dataset: Dataset) -> None
     previous = storage.read_bytes(path)
     if previous is not None:
         old = json.loads(previous)
-        changed = sorted(k for k in identity.keys() | old.keys() if identity.get(k) != old.get(k))
+        # A key added to TrainConfig after the run started counts as its default there.
+        defaults = TrainConfig().to_dict()
+        changed = sorted(k for k in identity.keys() | old.keys()
+                         if identity.get(k) != old.get(k, defaults.get(k)))
         if changed:
             raise UsageError(f"run {config.run_name!r} in {config.storage} was started with other "
                              f"settings ({', '.join(changed)}); pass another --name, or delete "

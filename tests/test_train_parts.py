@@ -1,4 +1,5 @@
-"""Pieces of the training loop that need no Ray: optimizer parameter groups."""
+"""Pieces of the training loop that need no Ray: optimizer parameter groups, the EMA, the run
+name check."""
 
 import pytest
 import torch
@@ -67,3 +68,25 @@ def test_ema_equals_torchs_averaged_model_with_the_same_decay():
     for (key, a), b in zip(ours.module.state_dict().items(), reference.module.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-6), key
     assert ours.n_averaged == int(reference.n_averaged) == 30
+
+
+def test_a_run_name_is_reused_only_by_the_same_run(cifar, tmp_path):
+    import json
+
+    from resnet.driver import check_resumable
+    from resnet.errors import UsageError
+    config = make_config("fast", storage=str(tmp_path))
+    run_dir = str(tmp_path / config.run_name)
+    check_resumable(run_dir, config, cifar)  # a new run: writes run.json
+    # Hardware and reporting may change between sessions; training settings may not.
+    check_resumable(run_dir, config.replace(num_workers=2, eval_variants=True), cifar)
+    with pytest.raises(UsageError, match=r"other settings \(lr\)"):
+        check_resumable(run_dir, config.replace(lr=0.1), cifar)
+    # A run.json from before a key existed: the missing key counts as its default.
+    run_json = tmp_path / config.run_name / "run.json"
+    stored = json.loads(run_json.read_text())
+    del stored["cutout"]
+    run_json.write_text(json.dumps(stored))
+    check_resumable(run_dir, config, cifar)
+    with pytest.raises(UsageError, match=r"other settings \(cutout\)"):
+        check_resumable(run_dir, config.replace(cutout=8), cifar)
