@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = train_driver_fn(config)
         return 0 if summary["epochs_completed"] else 1
 
-    return run_main("jobs.train", run)
+    return run_main("jobs.train", run, standalone=argv is None)
 
 
 if __name__ == "__main__":

@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         run_sweep(make_sweep(args, sweep_flags))
         return 0
 
-    return run_main("jobs.tune", run)
+    return run_main("jobs.tune", run, resume_hint="run the same command with --resume to "
+                    "continue from the latest checkpoints", standalone=argv is None)
 
 
 if __name__ == "__main__":

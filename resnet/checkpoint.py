@@ -30,6 +30,9 @@ def load_state(checkpoint, map_location: str | torch.device = "cpu") -> dict[str
     path = Path(checkpoint)
     if path.is_dir():
         path = path / CHECKPOINT_FILE
+    if path.suffix == ".pt2":
+        raise UsageError(f"{path} is an exported model (torch.export), not a checkpoint; pass the "
+                         f"{CHECKPOINT_FILE} it was exported from (summary.json: best_checkpoint)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:

@@ -25,17 +25,27 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def run_main(prog: str, fn: Callable[[], int | None]) -> int:
-    """Run a job's main function; map expected failures to one line and an exit code."""
+RESUME_HINT = "run the same command again to resume from the latest checkpoint"
+
+
+def run_main(prog: str, fn: Callable[[], int | None], resume_hint: str = RESUME_HINT,
+             standalone: bool = False) -> int:
+    """Run a job's main function; map expected failures to one line and an exit code.
+    ``resume_hint``: how to continue after Ctrl-C (SIGINT). ``standalone``: this process is the
+    job (``python -m``, not a call from Python), so its Ray is stopped before the line is
+    printed: Ray's processes log as they stop, and the line must come last."""
+    def fail(line: str, code: int) -> int:
+        ray = sys.modules.get("ray")
+        if standalone and ray is not None and ray.is_initialized():
+            ray.shutdown()
+        print(line, file=sys.stderr, flush=True)
+        return code
+
     try:
         return fn() or 0
     except UsageError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return fail(f"{prog}: error: {exc}", EXIT_USAGE)
     except TrainingFailed as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 1
+        return fail(f"{prog}: error: {exc}", 1)
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted; run the same command again to resume from the latest "
-              "checkpoint", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return fail(f"{prog}: interrupted; {resume_hint}", EXIT_INTERRUPTED)

@@ -12,13 +12,16 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 from ray.tune import ExperimentAnalysis
 
 from resnet import storage
+from resnet.checkpoint import CHECKPOINT_FILE
 from resnet.config import TrainConfig
 from resnet.space import RECIPE_KEY, TUNABLE, trial_config
 
 SWEEP_FILE = "sweep.json"  # the sweep's settings, written when it starts (jobs.analyze reads it)
+TRAIN_RUNS = "train_runs"  # <sweep>/train_runs/<trial id>/: each trial's Ray Train run
 METRICS = ("epoch", "lr", "loss", "acc", "val_loss", "val_acc", "epoch_s", "samples_per_s",
            "step", "diverged", "checkpoint_path", "time_total_s")
 TABLE_KEYS = ("schedule", "lr", "batch_size", "weight_decay", "label_smoothing", "warmup_frac",
@@ -48,6 +51,39 @@ def trial_status(tune_status: str, rows: pd.DataFrame, epochs: int) -> str:
     return tune_status.lower()  # RUNNING, PENDING, PAUSED: the sweep is still going
 
 
+def with_checkpointed_epochs(rows: pd.DataFrame, exp_dir: str, trial_id: str) -> pd.DataFrame:
+    """Fill epochs missing from Tune's rows from the trial's Ray Train checkpoint.
+
+    After a driver crash, ``--resume`` restarts a trial's Tune logs from the restart: the epochs
+    reported before the crash live on only in the history its latest checkpoint carries.
+    """
+    reported = set(rows["epoch"].dropna().astype(int)) if len(rows) else set()
+    if reported == set(range(1, max(reported, default=0) + 1)) and len(reported):
+        return rows  # nothing missing (the usual case): no checkpoint is read
+    run = storage.join(exp_dir, TRAIN_RUNS, trial_id)
+    history = checkpointed_history(run)
+    missing = [m for m in history if m["epoch"] not in reported]
+    if not missing:
+        return rows
+    for m in missing:  # the epoch's checkpoint when it was kept (the best one is)
+        folder = storage.join(run, f"epoch_{m['epoch']:04d}")
+        m["checkpoint_path"] = folder if storage.read_bytes(
+            storage.join(folder, CHECKPOINT_FILE)) is not None else None
+    restored = pd.DataFrame(missing).reindex(columns=rows.columns)
+    return pd.concat([restored, rows] if len(rows) else [restored], ignore_index=True)
+
+
+def checkpointed_history(run: str) -> list[dict[str, Any]]:
+    """The per-epoch metrics in a Ray Train run's latest checkpoint ([] when it has none)."""
+    snapshot = storage.read_bytes(storage.join(run, "checkpoint_manager_snapshot.json"))
+    latest = (json.loads(snapshot).get("latest_checkpoint_result") or {}) if snapshot else {}
+    data = latest and storage.read_bytes(
+        storage.join(run, latest["checkpoint_dir_name"], CHECKPOINT_FILE))
+    if not data:
+        return []
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)["history"]
+
+
 def collect_results(exp_dir: str, base: TrainConfig, target: float) -> SweepResults:
     """Every trial of the experiment in ``exp_dir``, as rows, plus the winner."""
     analysis = ExperimentAnalysis(exp_dir)
@@ -57,6 +93,7 @@ def collect_results(exp_dir: str, base: TrainConfig, target: float) -> SweepResu
         rows = pd.DataFrame(columns=list(METRICS)) if rows is None or rows.empty else rows
         variants = [c for c in rows.columns if c.startswith("val_acc_")]  # --eval-variants
         rows = rows.reindex(columns=[*METRICS, *variants]).copy()
+        rows = with_checkpointed_epochs(rows, exp_dir, trial.trial_id)
         if "epoch" in rows and len(rows):  # a resumed trial may re-report an epoch: keep the last
             rows = rows.drop_duplicates("epoch", keep="last")
         config = configs[trial.trial_id] = trial_config(base, trial.config)

@@ -28,14 +28,14 @@ from resnet.driver import (check_batch_fits, check_shared_storage, connect_ray, 
 from resnet.errors import TrainingFailed, UsageError
 from resnet.gradcam import gradcam_task
 from resnet.provenance import provenance
-from resnet.results import (SWEEP_FILE, SweepResults, collect_results, print_table,
-                            write_parquet)
+from resnet.results import (SWEEP_FILE, TRAIN_RUNS, SweepResults, collect_results,
+                            print_table, write_parquet)
 from resnet.space import (PROFILE_SPACE, grid_size, keras_point, largest, load_space,
                           to_tune, trial_config)
 
-TRAIN_RUNS = "train_runs"
 SWEEP_PRESET = "fast"  # every searched trial starts from the fast recipe: the search's centre
 TRIAL_DRIVER_MEMORY = 256 * 2**20  # bytes reserved by each trial's driver process
+UNFINISHED = ("running", "pending", "paused")  # trial statuses after an interrupted fit()
 
 
 @dataclass(frozen=True)
@@ -86,8 +86,13 @@ PROFILES: dict[str, dict[str, Any]] = {
 def make_sweep(train_flags: dict[str, Any], sweep_flags: dict[str, Any]) -> SweepConfig:
     """Flags (None = not given) plus the hardware profile -> a validated SweepConfig.
 
-    Connects to Ray first: the profile depends on whether the cluster has GPUs.
+    Connects to Ray after checking the flags and the --space file: the profile depends on
+    whether the cluster has GPUs.
     """
+    given = {k: v for k, v in train_flags.items() if v is not None}
+    make_config(SWEEP_PRESET, **given)  # bad flags fail here, before Ray starts
+    if sweep_flags.get("space"):
+        load_space(sweep_flags["space"], given.get("optimizer", "sgd"), "cpu")
     connect_ray()
     has_gpu = ray.cluster_resources().get("GPU", 0) > 0
     use_gpu = train_flags.get("use_gpu")
@@ -193,6 +198,10 @@ def run_sweep(sweep: SweepConfig) -> dict[str, Any]:
     results = collect_results(exp_dir, base, sweep.target)
     write_parquet(storage.join(exp_dir, "trials.parquet"), results.trials,
                   {"sweep": sweep_dict(sweep), "provenance": provenance()})
+    unfinished = results.trials.loc[results.trials["status"].isin(UNFINISHED), "trial_id"]
+    if len(unfinished):
+        # Tune's SIGINT handler stops the trials, saves the experiment and returns from fit().
+        raise KeyboardInterrupt(f"{unfinished.nunique()} trial(s) unfinished in {exp_dir}")
     if results.best is None:
         raise TrainingFailed(f"no trial completed an epoch; see the trial errors in {exp_dir}")
     summary = finish(sweep, base, splits, results, exp_dir)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -65,36 +66,117 @@ def run_job(*args: str, env: dict | None = None, timeout: int = 900) -> subproce
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
+def reported_epoch(run_dir: Path) -> int:
+    """The last epoch a Ray Train run has checkpointed, from its own snapshot file (0: none)."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        return int(snapshot["latest_checkpoint_result"]["metrics"]["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):  # not there yet, or being written
+        return 0
+
+
+def wait_for(predicate, proc: subprocess.Popen | None = None, timeout: float = 600) -> None:
+    """Poll ``predicate`` (reported progress, not a sleep of a guessed length)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the process ended (exit {proc.returncode}) before the wait was over")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s")
+        time.sleep(0.1)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc): Ray's processes started by a job."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def reap(pids: list[int], timeout: float = 60) -> list[str]:
+    """Wait for processes to end; SIGKILL what is left after ``timeout``. Returns the leftovers'
+    command lines."""
+    def alive() -> list[int]:
+        out = []
+        for pid in pids:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if state != "Z":
+                out.append(pid)
+        return out
+
+    deadline = time.monotonic() + timeout
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = []
+    for pid in alive():
+        try:
+            left.append(Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ").strip())
+            os.kill(pid, signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
+    return left
+
+
 # The test sweep's space: two trials by grid, a sane learning rate and one that must diverge.
 SWEEP_SPACE = {"lr": {"grid": [0.1, 1e6]}, "schedule": "onecycle", "batch_size": 64}
 
 
 @pytest.fixture(scope="session")
 def sweep(shared_archive, tmp_path_factory):
-    """One real sweep (2 grid trials + the Keras trial x 2 epochs, 1 CPU worker each, 2,000
-    images), shared by the Tune and analysis tests. While it runs, once the first epoch is
-    reported, ``jobs.analyze`` reads it (``partial``: partial results of a running sweep)."""
+    """One real sweep, shared by the Tune, analysis and fault tests: the Keras trial, then the 2
+    grid trials, one at a time (1 worker x 2 CPUs) x 2 epochs on 1,000 images. On the way, each
+    step waiting on reported progress:
+
+    - once an epoch is reported, ``jobs.analyze`` reads the running sweep (``partial``);
+    - once the second trial has checkpointed epoch 1, the driver is SIGKILLed (``killed``: the
+      epoch each trial had checkpointed, and the checkpoint files, at that moment);
+    - the same command with ``--resume`` completes the sweep (``proc``: its output).
+    """
     tmp = tmp_path_factory.mktemp("sweep")
     (tmp / "space.json").write_text(json.dumps(SWEEP_SPACE))
     args = ["jobs.tune", "--data", str(shared_archive), "--samples", "1", "--epochs", "2",
-            "--subset", "2000", "--num-workers", "1", "--cpus-per-worker", "1",
-            "--val-size", "500", "--keras-trial", "--eval-variants",
+            "--subset", "1000", "--num-workers", "1", "--cpus-per-worker", "2",
+            "--max-concurrent", "1", "--val-size", "500", "--keras-trial", "--eval-variants",
             "--scheduler", "asha", "--space", str(tmp / "space.json"),
             "--storage", str(tmp), "--name", "sweep"]
     exp = tmp / "sweep"
-    logs = {name: open(tmp / f"{name}.log", "w+") for name in ("stdout", "stderr")}
-    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, text=True,
-                            stdout=logs["stdout"], stderr=logs["stderr"])
-    partial, deadline = None, time.monotonic() + 900
-    while proc.poll() is None and time.monotonic() < deadline:  # waits on reported progress
-        reported = any(p.stat().st_size for p in exp.glob("trial_*/result.json"))
-        if reported and list(exp.glob("experiment_state-*.json")):
+    runs = exp / "train_runs"
+    with open(tmp / "killed.log", "w+") as log:
+        proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, text=True, stdout=log,
+                                stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: any(p.stat().st_size for p in exp.glob("trial_*/result.json"))
+                     and list(exp.glob("experiment_state-*.json")), proc)
             partial = run_job("jobs.analyze", str(exp), "--out", str(tmp / "partial"))
-            break
-        time.sleep(1)
-    proc.wait(timeout=max(1, deadline - time.monotonic()))
-    output = {name: (tmp / f"{name}.log").read_text() for name in logs}
-    for f in logs.values():
-        f.close()
-    done = subprocess.CompletedProcess(proc.args, proc.returncode, output["stdout"], output["stderr"])
-    return {"args": args, "proc": done, "dir": exp, "partial": partial, "partial_dir": tmp / "partial"}
+            wait_for(lambda: len(trial_runs(runs)) >= 2 and reported_epoch(trial_runs(runs)[1]), proc)
+            ray_processes = descendants(proc.pid)
+            killed = {"epochs": {run.name: reported_epoch(run) for run in trial_runs(runs)},
+                      "checkpoints": {p: p.stat().st_mtime_ns for p in runs.rglob("checkpoint.pt")}}
+            proc.kill()  # SIGKILL: no handler runs, as when a machine dies
+        finally:
+            proc.kill()
+            proc.wait()
+        killed["leftover_processes"] = reap(ray_processes, timeout=10)  # Ray's fate sharing
+        log.seek(0)
+        killed["output"] = log.read()
+    done = run_job(*args, "--resume")
+    return {"args": args, "proc": done, "dir": exp, "partial": partial,
+            "partial_dir": tmp / "partial", "killed": killed}
+
+
+def trial_runs(runs: Path) -> list[Path]:
+    """The trials' Ray Train run folders, in the order the trials were created."""
+    return sorted(p for p in runs.glob("*") if p.is_dir()) if runs.is_dir() else []

@@ -31,9 +31,9 @@ assert not any(m == "resnet" or m.startswith("resnet.") for m in sys.modules), "
 
 def test_train_job_two_cpu_workers_on_a_real_subset(shared_archive, tmp_path):
     storage = tmp_path / "runs"
-    proc = run_job("jobs.train", "--data", str(shared_archive), "--subset", "4000", "--epochs", "2",
-                   "--num-workers", "2", "--cpu", "--batch-size", "64", "--lr", "0.05",
-                   "--storage", str(storage), "--name", "e2e")
+    proc = run_job("jobs.train", "--data", str(shared_archive), "--subset", "4000", "--val-size",
+                   "1000", "--epochs", "2", "--num-workers", "2", "--cpu", "--batch-size", "64",
+                   "--lr", "0.05", "--storage", str(storage), "--name", "e2e")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
     assert "Epoch 1/2 - " in log and "Epoch 2/2 - " in log and "val_acc improved from" in log
@@ -51,7 +51,7 @@ def test_train_job_two_cpu_workers_on_a_real_subset(shared_archive, tmp_path):
     assert best["epoch"] == summary["best_epoch"] and best["best_val_acc"] == summary["best_val_acc"]
 
     # The exported model gives the in-memory model's logits, in a process without this project.
-    _, splits = load_splits(str(shared_archive), 5000, 4000, 0)
+    _, splits = load_splits(str(shared_archive), 1000, 4000, 0)
     batch = splits.val_x[:64].astype(np.float32) / 255
     np.save(tmp_path / "x.npy", batch)
     with torch.no_grad():
@@ -78,17 +78,3 @@ def test_help_and_readme_document_every_flag(job):
             if flag.startswith("--") and flag != "--help":
                 assert f"`{flag}`" in section, f"{job} {flag} is not documented in README.md"
         assert action.help, action.option_strings
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--epochs", "0"], "--epochs must be at least 1"),
-    (["--lr", "-1"], "--lr must be positive"),
-    (["--name", "a/b"], "no path separators"),
-    (["--model", "resnet50"], "invalid choice: 'resnet50'"),
-    (["--batch-size", "3", "--num-workers", "2"], "divisible by --num-workers"),
-])
-def test_bad_flags_are_one_line_usage_errors(args, message, tmp_path):
-    proc = run_job("jobs.train", *args, "--storage", str(tmp_path))
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
-    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
-    assert not any(tmp_path.iterdir())

@@ -78,19 +78,11 @@ def test_sweep_finds_the_best_trial_and_explains_it(sweep):
 
 
 @pytest.mark.e2e
-def test_resume_of_a_finished_sweep_does_not_retrain(sweep):
+def test_an_existing_sweep_is_not_touched_without_resume(sweep):
+    # Resuming itself: tests/test_faults.py (the fixture's driver is killed, then resumed).
     exp = sweep["dir"]
-    before = pd.read_parquet(exp / "trials.parquet")
-    checkpoints = {p: p.stat().st_mtime_ns for p in (exp / "train_runs").rglob("checkpoint.pt")}
-    proc = run_job(*sweep["args"], "--resume")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resuming sweep" in proc.stdout and "Epoch 1/2" not in proc.stdout + proc.stderr
-    after = pd.read_parquet(exp / "trials.parquet")
-    assert after[["trial_id", "epoch", "val_acc"]].equals(before[["trial_id", "epoch", "val_acc"]])
-    assert {p: p.stat().st_mtime_ns for p in checkpoints} == checkpoints
-
-    written = {p: p.stat().st_mtime_ns for p in exp.iterdir() if p.is_file()}
-    again = run_job(*sweep["args"])  # without --resume an existing sweep is not touched
+    written = {p: p.stat().st_mtime_ns for p in exp.rglob("*") if p.is_file()}
+    again = run_job(*sweep["args"])
     assert again.returncode == 2 and "already exists" in again.stderr and "--resume" in again.stderr
     assert {p: p.stat().st_mtime_ns for p in written} == written  # sweep.json included
 

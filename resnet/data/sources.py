@@ -74,6 +74,9 @@ def resolve_source(data: str | None) -> Source:
         path = Path(data).expanduser()
         if not path.exists():
             raise UsageError(f"--data {data}: no such file or directory; pass {SUPPORTED}")
+        if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+            raise UsageError(f"--data {data}: permission denied; make it readable by this "
+                             "user or pass another --data")
         return _detect(path, data)
     env = os.environ.get("CIFAR10_DATA")
     if env:
