@@ -37,6 +37,8 @@ def load_state(checkpoint, map_location: str | torch.device = "cpu") -> dict[str
         state = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise UsageError(f"checkpoint {path} does not exist") from None
+    except OSError as exc:  # the storage, not the file: unmounted, no permission
+        raise UsageError(f"checkpoint {path} cannot be read ({exc.strerror or exc})") from None
     except Exception as exc:  # truncated files and foreign pickles fail in many ways
         raise UsageError(f"checkpoint {path} is corrupt or not a checkpoint of this project "
                          f"({type(exc).__name__}); pass a checkpoint.pt written by jobs.train") from None

@@ -210,6 +210,11 @@ def train_driver_fn(config: TrainConfig) -> dict[str, Any]:
         # Ray Train's SIGINT handler aborts the run gracefully, then exits from inside fit().
         raise KeyboardInterrupt(f"interrupted; checkpoints are kept in {run_dir}") from exc
     except ray.train.TrainingFailedError as exc:
+        problem = storage_problem(run_dir)
+        if problem:
+            raise TrainingFailed(f"training failed: {run_dir} is not writable ({problem}); the "
+                                 "checkpoints written before are kept: once it is writable, run "
+                                 "the same command to resume") from exc
         raise TrainingFailed(f"training failed ({str(exc).strip().splitlines()[-1]}); checkpoints "
                              f"are kept in {run_dir}: run the same command to resume") from exc
     if result.checkpoint is None:
@@ -220,6 +225,20 @@ def train_driver_fn(config: TrainConfig) -> dict[str, Any]:
                         json.dumps(summary, indent=2).encode())
     print_summary(summary)
     return summary
+
+
+def storage_problem(run_dir: str) -> str | None:
+    """Why the run folder cannot be written to now (None when it can): a failed run checks
+    this first, since a vanished mount surfaces in Ray Train as some worker's I/O error."""
+    if not storage.is_uri(run_dir) and not os.path.isdir(run_dir):  # run.json made it before
+        return "it is no longer a directory" if os.path.exists(run_dir) else "it is gone"
+    probe = storage.join(run_dir, f".write-check-{uuid.uuid4().hex}")
+    try:
+        storage.write_bytes(probe, b"")
+        storage.delete(probe)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 def check_batch_fits(config: TrainConfig, splits: Splits) -> None:
