@@ -54,7 +54,9 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(ray_local, shared_a
         wait_for(lambda: reported_epoch(run_dir) >= 1, timeout=300)
         [worker] = list_actors(cluster, filters=[("class_name", "=", "RayTrainWorker"),
                                                  ("state", "=", "ALIVE")])
-        seen["checkpointed"] = reported_epoch(run_dir)
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        seen["checkpointed"] = snapshot["latest_checkpoint_result"]["metrics"]["epoch"]
+        seen["epoch_1_s"] = snapshot["latest_checkpoint_result"]["metrics"]["epoch_s"]
         os.kill(worker.pid, signal.SIGKILL)
         seen["pid"] = worker.pid
 
@@ -68,7 +70,8 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(ray_local, shared_a
     assert killer["checkpointed"] == 1  # the kill landed in epoch 2, after epoch 1's checkpoint
     assert summary["status"] == "completed" and summary["epochs_completed"] == 2
     metrics = pd.read_parquet(run_dir / "metrics.parquet")
-    assert metrics["epoch"].tolist() == [1, 2]  # epoch 2 ran again once, epoch 1 not at all
+    assert metrics["epoch"].tolist() == [1, 2]  # one row per epoch
+    assert metrics["epoch_s"][0] == killer["epoch_1_s"]  # epoch 1 as before the kill: not redone
     # The run finished on a new worker: the killed one stayed dead.
     dead = list_actors(cluster, filters=[("class_name", "=", "RayTrainWorker"),
                                          ("state", "=", "DEAD")], limit=1000)
@@ -118,7 +121,7 @@ def test_storage_that_goes_away_fails_clearly_and_keeps_every_checkpoint(
     assert "Epoch 1/2" not in resumed.out + resumed.err
 
 
-def interrupt(args: list[str], run_dirs, tmp_path) -> tuple[subprocess.CompletedProcess, list[int]]:
+def interrupt(args: list[str], run_dirs, tmp_path) -> tuple[subprocess.CompletedProcess, list[str]]:
     """Start ``python -m args``, SIGINT it once ``run_dirs()`` has a checkpointed epoch."""
     with open(tmp_path / "out.log", "w+") as out, open(tmp_path / "err.log", "w+") as err:
         proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, text=True, stdout=out,
