@@ -65,7 +65,8 @@ def test_train_job_two_cpu_workers_on_a_real_subset(shared_archive, tmp_path):
     assert (logits.argmax(1) == splits.val_y[:64]).mean() > 0.2
 
 
-@pytest.mark.parametrize("job", ["jobs.train", "jobs.tune", "jobs.gradcam", "jobs.bench"])
+@pytest.mark.parametrize("job", ["jobs.train", "jobs.tune", "jobs.gradcam", "jobs.bench",
+                                 "jobs.via_import"])
 def test_help_and_readme_document_every_flag(job):
     proc = run_job(job, "--help")
     assert proc.returncode == 0

@@ -1,0 +1,153 @@
+"""VIA import: the shared export with images the test draws at its file names and sizes, every
+shape and skip reason from small exports written here, and bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jobs.via_import import main
+from resnet.via import CSV_COLUMNS, import_via
+
+SHARED_EXPORT = Path(__file__).resolve().parents[2] / "shared" / "data" / "via" / \
+    "assignment-via-export.csv"
+
+
+def draw(path: Path, width: int, height: int, seed: int = 0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def write_csv(path: Path, rows: list[tuple]) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_COLUMNS)
+        for filename, count, rid, shape, attrs in rows:
+            writer.writerow([filename, -1, "{}", count, rid, json.dumps(shape), json.dumps(attrs)])
+    return path
+
+
+@pytest.fixture(scope="module")
+def shared_export():
+    if not SHARED_EXPORT.is_file():
+        pytest.fail(f"the shared VIA export is missing: {SHARED_EXPORT}")
+    return SHARED_EXPORT
+
+
+def test_the_shared_export_imports_on_gender(shared_export, tmp_path):
+    rows = list(csv.DictReader(open(shared_export, newline="")))
+    extent: dict[str, tuple[int, int]] = {}  # the photos are private: draw each one as large
+    expected = Counter()                     # as its boxes need, at its file name
+    for row in rows:
+        shape = json.loads(row["region_shape_attributes"])
+        assert shape["name"] == "rect"
+        w, h = extent.get(row["filename"], (0, 0))
+        extent[row["filename"]] = (max(w, shape["x"] + shape["width"] + 8),
+                                   max(h, shape["y"] + shape["height"] + 8))
+        expected[json.loads(row["region_attributes"])["Gender"]] += 1
+    images = tmp_path / "images"
+    for i, (filename, (w, h)) in enumerate(extent.items()):
+        draw(images / filename, w, h, seed=i)
+    summary = import_via(str(shared_export), str(images), "Gender", str(tmp_path / "tree"))
+    assert summary.regions_read == len(rows) == 102 and set(expected) == {"male", "female"}
+    assert dict(summary.written) == dict(expected) and not summary.skipped
+    tree = tmp_path / "tree"
+    for name, n in expected.items():
+        train = list((tree / "train" / name).glob("*.png"))
+        test = list((tree / "test" / name).glob("*.png"))
+        assert len(train) + len(test) == n and len(test) == round(0.1 * n)
+        assert Image.open(train[0]).size == (32, 32)
+    manifest = list(csv.DictReader(open(tree / "manifest.csv")))
+    assert len(manifest) == 102 and {m["filename"] for m in manifest} == {r["filename"] for r in rows}
+    # Deterministic: the same import again gives the same split.
+    import_via(str(shared_export), str(images), "Gender", str(tmp_path / "again"))
+    assert (tmp_path / "again" / "manifest.csv").read_text() == (tree / "manifest.csv").read_text()
+
+
+def test_every_shape_and_skip_reason(tmp_path):
+    images = tmp_path / "images"
+    draw(images / "a.png", 100, 80)
+    draw(images / "sub" / "b.jpg", 60, 60, seed=1)
+    (images / "broken.png").write_bytes(b"not an image")
+    rect = {"name": "rect", "x": 10, "y": 10, "width": 30, "height": 20}
+    rows = [
+        ("a.png", 8, 0, rect, {"kind": "cat"}),
+        ("a.png", 8, 1, {"name": "circle", "cx": 50, "cy": 40, "r": 10}, {"kind": "dog"}),
+        ("a.png", 8, 2, {"name": "ellipse", "cx": 50, "cy": 40, "rx": 20, "ry": 5, "theta": 0.5},
+         {"kind": {"cat": True, "dog": False}}),
+        ("a.png", 8, 3, {"name": "polygon", "all_points_x": [5, 90, 40],
+                         "all_points_y": [5, 20, 70]}, {"kind": "dog"}),
+        ("file:///home/someone/photos/b.jpg", 2, 0, {"name": "polyline", "all_points_x": [0, 70],
+                                                      "all_points_y": [0, 70]}, {"kind": "cat"}),
+        ("a.png", 8, 4, {"name": "point", "cx": 3, "cy": 3}, {"kind": "cat"}),
+        ("a.png", 8, 5, rect, {"kind": {"cat": True, "dog": True}}),
+        ("a.png", 8, 6, rect, {"kind": {"cat": False}}),
+        ("a.png", 8, 7, rect, {"other": "x"}),
+        ("gone.png", 1, 0, rect, {"kind": "cat"}),
+        ("broken.png", 1, 0, rect, {"kind": "cat"}),
+        ("b.jpg", 2, 1, {"name": "rect", "x": 500, "y": 500, "width": 5, "height": 5},
+         {"kind": "dog"}),
+        ("empty.png", 0, 0, {}, {}),
+    ]
+    export = write_csv(tmp_path / "export.csv", rows)
+    summary = import_via(str(export), str(images), "kind", str(tmp_path / "tree"), size=16,
+                         val_fraction=0.0)
+    assert dict(summary.written) == {"cat": 3, "dog": 2}
+    assert dict(summary.skipped) == {
+        "point region": 1, "kind: several checked": 1, "kind: none checked": 1,
+        "no kind value": 1, "image missing or unreadable": 2, "box outside the image": 1,
+        "image without regions": 1}
+    assert summary.missing_images == ["gone.png", "broken.png"]
+    manifest = {(m["filename"], m["region_id"]): m for m in
+                csv.DictReader(open(tmp_path / "tree" / "manifest.csv"))}
+    assert manifest[("a.png", "2")]["box"] == "32 29 68 51"  # box of the rotated ellipse
+    assert manifest[("a.png", "3")]["box"] == "5 5 90 70"  # polygon
+    assert manifest[("file:///home/someone/photos/b.jpg", "0")]["box"] == "0 0 60 60"  # clipped
+    assert not (tmp_path / "tree" / "test").exists()
+
+
+def test_the_json_project_export(tmp_path):
+    images = tmp_path / "images"
+    draw(images / "a.png", 50, 50)
+    regions = [{"shape_attributes": {"name": "rect", "x": 0, "y": 0, "width": 20, "height": 20},
+                "region_attributes": {"kind": kind}} for kind in ("cat", "dog", "cat", "dog")]
+    project = {"_via_settings": {}, "_via_img_metadata": {
+        "a.png62": {"filename": str(images / "a.png"), "size": 62, "regions": regions,
+                    "file_attributes": {}}}}
+    (tmp_path / "project.json").write_text(json.dumps(project))
+    summary = import_via(str(tmp_path / "project.json"), str(images), "kind", str(tmp_path / "t"),
+                         val_fraction=0.5)
+    assert dict(summary.written) == {"cat": 2, "dog": 2}
+    assert len(list((tmp_path / "t" / "test").rglob("*.png"))) == 2  # one of each class
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    images = tmp_path / "images"
+    draw(images / "a.png", 50, 50)
+    rect = {"name": "rect", "x": 0, "y": 0, "width": 20, "height": 20}
+    (tmp_path / "notes.csv").write_text("a,b\n1,2\n")
+    (tmp_path / "bad.csv").write_text(",".join(CSV_COLUMNS) + '\na.png,-1,{},1,0,"{""name"":",{}\n')
+    one_class = write_csv(tmp_path / "one.csv", [("a.png", 1, 0, rect, {"kind": "cat"})])
+    no_images = write_csv(tmp_path / "none.csv", [("x.png", 2, 0, rect, {"kind": "cat"}),
+                                                   ("y.png", 2, 1, rect, {"kind": "dog"})])
+    cases = [
+        (tmp_path / "notes.csv", "kind", "is not a VIA 2.x CSV export"),
+        (tmp_path / "bad.csv", "kind", "line 2: malformed JSON"),
+        (one_class, "Gender", "no region has the attribute 'Gender'; the export has: kind"),
+        (one_class, "kind", "training needs at least 2 classes"),
+        (no_images, "kind", "0 usable region(s)"),
+    ]
+    for export, attribute, message in cases:
+        code = main(["--csv", str(export), "--images", str(images), "--attribute", attribute,
+                     "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.count("\n") == 1, err
+        assert not (tmp_path / "out").exists()
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no temp left
