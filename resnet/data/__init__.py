@@ -64,7 +64,7 @@ def load_dataset(data: str | None) -> Dataset:
         write_cache(path, decoded, source)
     train, test = decoded.splits == "train", decoded.splits == "test"
     return Dataset(
-        classes=CIFAR10_CLASSES, train_x=decoded.images[train], train_y=decoded.labels[train],
+        classes=decoded.classes, train_x=decoded.images[train], train_y=decoded.labels[train],
         test_x=decoded.images[test] if test.any() else None,
         test_y=decoded.labels[test] if test.any() else None,
         source=source, key=key, from_cache=from_cache, load_s=time.perf_counter() - start)

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from resnet.data.sources import CIFAR10_CLASSES, Decoded, Source
+from resnet.data.sources import Decoded, Source
 
 CACHE_VERSION = 1  # bump when the layout of cached tables changes
 IMAGE_BYTES = 3 * 32 * 32
@@ -54,7 +54,7 @@ def write_cache(path: Path, decoded: Decoded, source: Source) -> None:
         "image": pa.FixedSizeBinaryArray.from_buffers(
             pa.binary(IMAGE_BYTES), len(images), [None, pa.py_buffer(np.ascontiguousarray(images))]),
     })
-    meta = {"classes": list(CIFAR10_CLASSES), "source": str(source.path), "kind": source.kind,
+    meta = {"classes": list(decoded.classes), "source": str(source.path), "kind": source.kind,
             "layout": "uint8 N x 3 x 32 x 32, RGB planes"}
     table = table.replace_schema_metadata({"resnet": json.dumps(meta)})
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -81,6 +81,7 @@ def read_cache(path: Path) -> Decoded | None:
         images = buffer[start:start + len(image) * IMAGE_BYTES].reshape(-1, 3, 32, 32).copy()
         labels = table.column("label").to_numpy().astype(np.int64)
         splits = np.asarray(table.column("split").to_pylist())
-    except (OSError, pa.ArrowException, KeyError, ValueError):
+        classes = tuple(json.loads(table.schema.metadata[b"resnet"])["classes"])
+    except (OSError, pa.ArrowException, KeyError, ValueError, TypeError):
         return None
-    return Decoded(images=images, labels=labels, splits=splits)
+    return Decoded(images=images, labels=labels, splits=splits, classes=classes)

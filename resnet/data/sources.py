@@ -56,11 +56,12 @@ class Source:
 
 @dataclass
 class Decoded:
-    """Images decoded from a source: uint8 N x 3 x 32 x 32, labels in CIFAR-10 class order."""
+    """Images decoded from a source: uint8 N x 3 x 32 x 32, labels indexing ``classes``."""
 
     images: np.ndarray
     labels: np.ndarray
     splits: np.ndarray  # "train" or "test" per image
+    classes: tuple[str, ...] = CIFAR10_CLASSES
 
 
 def default_download_dir() -> Path:
@@ -198,14 +199,14 @@ def _decode_tree(items: Iterable[tuple[tuple[str, ...], bytes]], shown: str,
             continue
         split, cls, name = parts
         found[split].add(cls)
-        if cls not in CIFAR10_CLASSES:
-            continue  # reported below with every other unexpected folder
-        records.append((split, CIFAR10_CLASSES.index(cls), name, _decode_image(data, parts)))
-    _check_classes(found, shown)
-    records.sort(key=lambda r: (SPLITS.index(r[0]), r[1], r[2]))  # independent of disk order
+        records.append((split, cls, name, _decode_image(data, parts)))
+    classes = _check_classes(found, shown)
+    index = {c: i for i, c in enumerate(classes)}
+    records = sorted(((split, index[cls], name, image) for split, cls, name, image in records),
+                     key=lambda r: (SPLITS.index(r[0]), r[1], r[2]))  # independent of disk order
     return Decoded(images=np.stack([r[3] for r in records]),
                    labels=np.array([r[1] for r in records], dtype=np.int64),
-                   splits=np.array([r[0] for r in records]))
+                   splits=np.array([r[0] for r in records]), classes=classes)
 
 
 def _decode_image(data: bytes, parts: tuple[str, ...]) -> np.ndarray:
@@ -221,10 +222,23 @@ def _decode_image(data: bytes, parts: tuple[str, ...]) -> np.ndarray:
     return array.transpose(2, 0, 1)  # 3 x 32 x 32
 
 
-def _check_classes(found: dict[str, set[str]], shown: str) -> None:
+def _check_classes(found: dict[str, set[str]], shown: str) -> tuple[str, ...]:
+    """The tree's class list. Folders named like CIFAR-10's must be exactly CIFAR-10's ten (a
+    tree missing one is a broken copy, not a 9-class data set); other names are a data set of
+    their own (say, crops from jobs.via_import), classes in sorted order."""
     if not found["train"]:
         raise UsageError(f"--data {shown}: the train split has no images "
                          "(expected train/<class>/<image>)")
+    if not found["train"] & set(CIFAR10_CLASSES):
+        classes = tuple(sorted(found["train"]))
+        if len(classes) < 2:
+            raise UsageError(f"--data {shown}: train/ has {len(classes)} class folder; training "
+                             "needs at least 2")
+        extra = sorted(found["test"] - found["train"])
+        if extra:
+            raise UsageError(f"--data {shown}: test/ has classes that train/ lacks: "
+                             f"{', '.join(extra)}")
+        return classes
     for split, classes in found.items():
         if split == "test" and not classes:
             continue  # the test split is optional
@@ -236,6 +250,7 @@ def _check_classes(found: dict[str, set[str]], shown: str) -> None:
                 extra and f"unexpected: {', '.join(extra)}"]))
             raise UsageError(f"--data {shown}: {split}/ must hold exactly the 10 CIFAR-10 class "
                              f"folders ({detail})")
+    return CIFAR10_CLASSES
 
 
 def _decode_official(blobs: dict[str, bytes], shown: str) -> Decoded:
