@@ -181,6 +181,7 @@ def import_via(export: str, images: str, attribute: str, out: str, size: int = 3
         raise UsageError(f"no region has the attribute {attribute!r}; the export has: "
                          f"{', '.join(found) or 'none'}")
     finder, crops = ImageFinder(Path(images)), []
+    # Only the image in hand stays open: an export lists each image's regions together.
     opened: dict[Path, Image.Image | None] = {}
     for region in regions:
         box = bounding_box(region.shape)
@@ -193,6 +194,7 @@ def import_via(export: str, images: str, attribute: str, out: str, size: int = 3
             continue
         path = finder.find(region.filename)
         if path is not None and path not in opened:
+            opened.clear()
             try:
                 with Image.open(path) as image:
                     opened[path] = image.convert("RGB")
