@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
 
     def run() -> int:
-        from resnet.tune import make_sweep, run_sweep  # imports Ray and torch: after parsing
+        from resnet.sweep import make_sweep  # imports Ray and torch: after parsing
+        from resnet.tune import run_sweep
         sweep_flags = {k: args.pop(k) for k in SWEEP_KEYS}
         sweep_flags["resume"] = sweep_flags["resume"] or None
         run_sweep(make_sweep(args, sweep_flags))

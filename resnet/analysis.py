@@ -25,7 +25,8 @@ from ray import tune  # noqa: E402
 from resnet import storage  # noqa: E402
 from resnet.config import TARGET_ACC, TrainConfig  # noqa: E402
 from resnet.errors import UsageError  # noqa: E402
-from resnet.results import SWEEP_FILE, SweepResults, collect_results, per_trial  # noqa: E402
+from resnet.results import SweepResults, collect_results, per_trial  # noqa: E402
+from resnet.sweep import SWEEP_FILE  # noqa: E402
 
 UNFINISHED = ("running", "pending", "paused")
 PLOTS = ("curves.png", "lr.png", "confusion.png")

@@ -135,10 +135,12 @@ class TrainConfig:
         _check(self.val_size >= 1, f"--val-size must be at least 1, got {self.val_size}")
         _check(self.subset is None or self.subset >= 1, f"--subset must be positive, got {self.subset}")
         _check(self.max_failures >= -1, f"--max-failures must be >= -1, got {self.max_failures}")
+        _check(self.gpus_per_worker != 0, "--gpus-per-worker 0: to train without GPUs pass "
+               "--cpu instead")
         _check(self.gpus_per_worker > 0 and (self.gpus_per_worker <= 1
                                              or float(self.gpus_per_worker).is_integer()),
                f"--gpus-per-worker must be a fraction up to 1 or a whole number, "
-               f"got {self.gpus_per_worker}")
+               f"got {self.gpus_per_worker:g}")
         _check(self.gpus_per_worker >= 1 or self.num_workers == 1,
                f"--gpus-per-worker {self.gpus_per_worker:g} with {self.num_workers} workers: "
                "fractions below 1 need exactly 1 worker (NCCL cannot share a GPU between the "

@@ -29,11 +29,16 @@ from resnet.data import Dataset, Splits, load_splits
 from resnet.errors import TrainingFailed, UsageError
 from resnet.models import trainable_param_count
 from resnet.provenance import provenance
-from resnet.train import evaluate, train_fn_per_worker
+from resnet.loop import EVAL_PRECISION, evaluate, train_precision
+from resnet.train import train_fn_per_worker
 
-# Keys that may change between a run and its resumption: where and on what it runs.
-NON_IDENTITY_KEYS = {"num_workers", "use_gpu", "gpus_per_worker", "cpus_per_worker", "amp",
-                     "channels_last", "storage", "name", "data", "max_failures", "eval_variants"}
+# Keys that may change between a run and its resumption: where and on what it runs. Not
+# num_workers: BatchNorm normalises over each worker's local batch, so it changes training.
+NON_IDENTITY_KEYS = {"use_gpu", "gpus_per_worker", "cpus_per_worker", "amp", "channels_last",
+                     "storage", "name", "data", "max_failures", "eval_variants"}
+# Why a changed identity key cannot change, where it is not obvious.
+WHY_IDENTITY = {"num_workers": "BatchNorm normalises over each worker's local batch, so the "
+                               "worker count changes what is trained"}
 
 
 def connect_ray() -> bool:
@@ -47,6 +52,13 @@ def connect_ray() -> bool:
     ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
              runtime_env={"worker_process_setup_hook": "resnet.driver.pin_ray_address"})
     return True
+
+
+def ray_cluster(embedded: bool) -> dict[str, Any]:
+    """Which Ray a run used, for its summary: an embedded one or a cluster (its GCS address)."""
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    return {"embedded": embedded, "gcs_address": ray.get_runtime_context().gcs_address,
+            "nodes": len(nodes), "node_ips": sorted({n["NodeManagerAddress"] for n in nodes})}
 
 
 def pin_ray_address() -> None:
@@ -88,10 +100,15 @@ def check_shared_storage(root: str) -> None:
                          "gs://BUCKET/PATH or a path on an NFS mount every node has")
 
 
-def resolve_hardware(config: TrainConfig, embedded: bool) -> TrainConfig:
-    """Fill in GPU use and CPUs per worker from the cluster; refuse what the local Ray can't fit."""
-    total = ray.cluster_resources()
-    node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
+def resolve_hardware(config: TrainConfig, embedded: bool, total: dict | None = None,
+                     node_cpus: float | None = None) -> TrainConfig:
+    """Fill in GPU use and CPUs per worker from the cluster (``total``: Ray's
+    ``cluster_resources()``; ``node_cpus``: the CPUs of its largest node); refuse what the
+    local Ray can't fit."""
+    total = ray.cluster_resources() if total is None else total
+    if node_cpus is None:
+        node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]),
+                        default=1)
     use_gpu = config.use_gpu if config.use_gpu is not None else total.get("GPU", 0) > 0
     cpus = config.cpus_per_worker or max(1, int(node_cpus) // config.num_workers)
     if embedded:  # a real cluster may autoscale; the local one will not
@@ -120,9 +137,10 @@ def check_resumable(run_dir: str, config: TrainConfig, dataset: Dataset) -> None
         changed = sorted(k for k in identity.keys() | old.keys()
                          if identity.get(k) != old.get(k, defaults.get(k)))
         if changed:
+            why = "".join(f"; {WHY_IDENTITY[k]}" for k in changed if k in WHY_IDENTITY)
             raise UsageError(f"run {config.run_name!r} in {config.storage} was started with other "
-                             f"settings ({', '.join(changed)}); pass another --name, or delete "
-                             f"{run_dir} to start over")
+                             f"settings ({', '.join(changed)}){why}; pass another --name, or "
+                             f"delete {run_dir} to start over")
         return
     storage.write_bytes(path, json.dumps(identity, indent=2).encode())
 
@@ -143,7 +161,15 @@ def finalize_best(checkpoint: ray.train.Checkpoint, config: TrainConfig,
             device, config)
     out["model_pt2"] = export_model(model)
     out["trainable_params"] = trainable_param_count(model)
+    # Which arithmetic produced which number (the export itself is fp32).
+    out["precision"] = {"train": train_precision(device_of(config), config),
+                        "val_acc": EVAL_PRECISION, "test_acc": EVAL_PRECISION, "export": "fp32"}
     return out
+
+
+def device_of(config: TrainConfig) -> torch.device:
+    """The device type the run's workers trained on."""
+    return torch.device("cuda" if config.use_gpu else "cpu")
 
 
 def make_trainer(config: TrainConfig, data_ref: ray.ObjectRef, name: str, storage_path: str,
@@ -195,6 +221,7 @@ def train_driver_fn(config: TrainConfig) -> dict[str, Any]:
     storage_root = storage.absolute(config.storage)
     if not embedded:  # a cluster: every node must reach the storage
         check_shared_storage(storage_root)
+    cluster = ray_cluster(embedded)
     run_dir = storage.join(storage_root, config.run_name)
     check_resumable(run_dir, config, dataset)
     print(f"run {config.run_name}: {config.model}, {config.epochs} epochs, {config.num_workers} "
@@ -220,6 +247,7 @@ def train_driver_fn(config: TrainConfig) -> dict[str, Any]:
     if result.checkpoint is None:
         raise TrainingFailed(f"no epoch completed, so {run_dir} has no checkpoint")
     summary = write_outputs(config, dataset, splits, result, run_dir)
+    summary["ray_cluster"] = cluster
     summary["wall_s"] = round(time.time() - started, 1)
     storage.write_bytes(storage.join(run_dir, "summary.json"),
                         json.dumps(summary, indent=2).encode())
@@ -252,6 +280,9 @@ def write_outputs(config: TrainConfig, dataset: Dataset, splits: Splits,
     """metrics.parquet and best/model.pt2; returns the summary (written last, by the caller)."""
     history = load_state(result.checkpoint)["history"]
     best = result.get_best_checkpoint("val_acc", "max")
+    # The best epoch is the exported checkpoint's own, never recomputed from the history: with
+    # tied val_acc the history's first maximum is an epoch whose checkpoint Ray deleted.
+    best_metrics = load_state(best)["history"][-1]
     final = export_best(best, config, splits, run_dir)
 
     prov = provenance()
@@ -262,7 +293,6 @@ def write_outputs(config: TrainConfig, dataset: Dataset, splits: Splits,
     pq.write_table(table, buffer)
     storage.write_bytes(storage.join(run_dir, "metrics.parquet"), buffer.getvalue())
 
-    best_row = max(history, key=lambda m: m["val_acc"])
     at_target = [m["epoch"] for m in history if m["val_acc"] >= TARGET_ACC]
     return {
         "run": config.run_name,
@@ -270,13 +300,15 @@ def write_outputs(config: TrainConfig, dataset: Dataset, splits: Splits,
         "status": "diverged" if history[-1]["diverged"] else (
             "completed" if history[-1]["epoch"] == config.epochs else "stopped"),
         "epochs_completed": len(history),
-        "best_val_acc": best_row["val_acc"],
-        "best_epoch": best_row["epoch"],
+        "best_val_acc": best_metrics["val_acc"],
+        "best_epoch": best_metrics["epoch"],
         "target_acc": TARGET_ACC,
         "first_epoch_at_target": at_target[0] if at_target else None,
         "test_acc": final["test_acc"],
         "test_loss": final["test_loss"],
+        "precision": final["precision"],
         "final_metrics": history[-1],
+        "placement": ranks_of(history[-1]),
         "best_checkpoint": best.path,
         "model_export": storage.join(run_dir, "best", "model.pt2"),
         "trainable_params": final["trainable_params"],
@@ -287,6 +319,16 @@ def write_outputs(config: TrainConfig, dataset: Dataset, splits: Splits,
         "config": config.to_dict(),
         "provenance": prov,
     }
+
+
+def ranks_of(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """Where each rank of an epoch ran (the row's comma-joined placement columns); [] for rows
+    written before runs recorded it."""
+    if not row.get("node_ids"):
+        return []
+    columns = zip(row["node_ids"].split(","), row["node_ips"].split(","), row["pids"].split(","))
+    return [{"rank": rank, "node_id": node, "ip": ip, "pid": int(pid)}
+            for rank, (node, ip, pid) in enumerate(columns)]
 
 
 def print_summary(summary: dict[str, Any]) -> None:

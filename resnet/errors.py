@@ -25,6 +25,14 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def cause(exc: BaseException) -> BaseException:
+    """The error a Ray task raised, without Ray's wrapper: ``ray.get`` re-raises it as a
+    RayTaskError that is also an instance of the original class, and whose text is a header
+    (``ray::finalize_best() (pid=..., ip=...)``) plus the task's traceback."""
+    inner = getattr(exc, "cause", None)
+    return inner if isinstance(inner, (UsageError, TrainingFailed)) else exc
+
+
 RESUME_HINT = "run the same command again to resume from the latest checkpoint"
 
 
@@ -44,8 +52,8 @@ def run_main(prog: str, fn: Callable[[], int | None], resume_hint: str = RESUME_
     try:
         return fn() or 0
     except UsageError as exc:
-        return fail(f"{prog}: error: {exc}", EXIT_USAGE)
+        return fail(f"{prog}: error: {cause(exc)}", EXIT_USAGE)
     except TrainingFailed as exc:
-        return fail(f"{prog}: error: {exc}", 1)
+        return fail(f"{prog}: error: {cause(exc)}", 1)
     except KeyboardInterrupt:
         return fail(f"{prog}: interrupted; {resume_hint}", EXIT_INTERRUPTED)

@@ -27,7 +27,7 @@ from torch import nn  # noqa: E402
 
 from resnet.config import CAM_METHODS  # noqa: E402
 from resnet.errors import UsageError  # noqa: E402
-from resnet.models import last_stage  # noqa: E402
+from resnet.models import FlipTTA, last_stage  # noqa: E402
 
 METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "hirescam": HiResCAM,
            "xgradcam": XGradCAM, "layercam": LayerCAM, "eigencam": EigenCAM,
@@ -67,16 +67,19 @@ def pick_images(labels: np.ndarray, n: int, num_classes: int) -> np.ndarray:
 
 def compute_cams(model: nn.Module, images: np.ndarray, labels: np.ndarray, method: str = "gradcam",
                  device: torch.device | str = "cpu") -> CamResult:
-    """CAMs on the model's last residual stage, for the class the model predicts."""
+    """CAMs on the last residual stage of the network inside ``model``, for the class that
+    ``model`` predicts: pass the model as exported (with flip TTA when the run used it), so the
+    caption says what the exported model says; the CAM explains the unflipped image."""
     if method not in METHODS:
         raise UsageError(f"unknown CAM method {method!r}; choose one of {', '.join(METHODS)}")
     model = model.to(device).eval()
+    net = model.model if isinstance(model, FlipTTA) else model
     x = torch.tensor(images, device=device).float().div_(255)  # N x 3 x 32 x 32 in [0, 1]
     with torch.no_grad():
         probs = F.softmax(model(x).float(), dim=1)
     conf, preds = probs.max(dim=1)
     targets = [ClassifierOutputTarget(int(p)) for p in preds]
-    with METHODS[method](model=model, target_layers=[last_stage(model)]) as cam:
+    with METHODS[method](model=net, target_layers=[last_stage(net)]) as cam:
         cams = cam(input_tensor=x, targets=targets)  # N x 32 x 32, each scaled to [0, 1]
     return CamResult(images=np.asarray(images), labels=np.asarray(labels),
                      preds=preds.cpu().numpy(), probs=conf.cpu().numpy(),
@@ -163,10 +166,10 @@ def gradcam_files(model: nn.Module, images: np.ndarray, labels: np.ndarray,
 def gradcam_task(checkpoint, images: np.ndarray, labels: np.ndarray, n: int,
                  method: str = "gradcam", title: str = "") -> dict[str, bytes]:
     """Ray task (given a GPU when the cluster has one): Grad-CAM files of a checkpoint."""
-    from resnet.checkpoint import load_state, model_from_state
+    from resnet.checkpoint import inference_model, load_state
     state = load_state(checkpoint)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return gradcam_files(model_from_state(state), images, labels, tuple(state["classes"]), n,
+    return gradcam_files(inference_model(state), images, labels, tuple(state["classes"]), n,
                          method, device, title)
 
 
@@ -174,11 +177,11 @@ def explain_checkpoint(checkpoint: str, data: str | None, n: int, out_dir: str,
                        method: str = "gradcam") -> list[str]:
     """Grad-CAM of a checkpoint on its held-out images, written to ``out_dir``; file names."""
     from resnet import storage
-    from resnet.checkpoint import load_state, model_from_state
+    from resnet.checkpoint import inference_model, load_state
     from resnet.data import load_splits
 
     state = load_state(checkpoint)
-    model = model_from_state(state)
+    model = inference_model(state)  # predicts as the exported model does
     config = state["config"]
     # The checkpoint's own val_size and seed carve the same validation split it never trained on.
     _, splits = load_splits(data, config["val_size"], None, config["seed"])

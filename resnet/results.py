@@ -20,10 +20,10 @@ from resnet.checkpoint import CHECKPOINT_FILE
 from resnet.config import TrainConfig
 from resnet.space import RECIPE_KEY, TUNABLE, trial_config
 
-SWEEP_FILE = "sweep.json"  # the sweep's settings, written when it starts (jobs.analyze reads it)
 TRAIN_RUNS = "train_runs"  # <sweep>/train_runs/<trial id>/: each trial's Ray Train run
 METRICS = ("epoch", "lr", "loss", "acc", "val_loss", "val_acc", "epoch_s", "samples_per_s",
-           "step", "diverged", "checkpoint_path", "time_total_s")
+           "step", "diverged", "world_size", "node_ids", "node_ips", "pids", "checkpoint_path",
+           "time_total_s")
 TABLE_KEYS = ("schedule", "lr", "batch_size", "weight_decay", "label_smoothing", "warmup_frac",
               "final_lr_ratio")
 
@@ -117,14 +117,24 @@ def collect_results(exp_dir: str, base: TrainConfig, target: float) -> SweepResu
 
 
 def best_row(trials: pd.DataFrame) -> dict[str, Any] | None:
-    """Max val_acc over every epoch of every trial that did not diverge; ties: earliest epoch."""
+    """Max val_acc over every epoch of every trial that did not diverge, whose checkpoint exists.
+
+    Ties go to the later epoch, as Ray Train's checkpoint manager keeps the latest of equally
+    scored checkpoints and deletes the others, then to the lower trial id. A row whose
+    checkpoint is gone anyway (deleted, lost with its storage) is passed over, never returned.
+    """
     ok = trials[(trials["status"] != "diverged") & trials["val_acc"].notna()
                 & trials["checkpoint_path"].notna()]
     ok = ok[ok["val_acc"].map(lambda v: math.isfinite(float(v)))]
     if ok.empty:
         return None
-    row = ok.sort_values(["val_acc", "epoch"], ascending=[False, True], kind="stable").iloc[0]
-    return {key: _plain(row[key]) for key in ("trial_id", "epoch", "val_acc", "checkpoint_path")}
+    ranked = ok.sort_values(["val_acc", "epoch", "trial_id"], ascending=[False, False, True],
+                            kind="stable")
+    for _, row in ranked.iterrows():  # the first row's checkpoint exists unless Ray changes
+        if storage.exists(storage.join(row["checkpoint_path"], CHECKPOINT_FILE)):
+            return {key: _plain(row[key])
+                    for key in ("trial_id", "epoch", "val_acc", "checkpoint_path")}
+    return None
 
 
 def first_epochs(trials: pd.DataFrame, target: float) -> dict[str, int | None]:
@@ -154,7 +164,8 @@ def per_trial(trials: pd.DataFrame, target: float, configs: dict[str, TrainConfi
     for trial_id, group in trials.groupby("trial_id", sort=False):
         scored = group[pd.to_numeric(group[metric], errors="coerce").notna()] \
             if metric in group else group.iloc[:0]
-        values = scored[metric].astype(float) if len(scored) else None
+        # The best value's last epoch: ties go to the later epoch, as for the winner.
+        values = scored[metric].astype(float)[::-1] if len(scored) else None
         top = scored.loc[values.idxmin() if lower else values.idxmax()] if len(scored) else None
         head = group.iloc[0]
         wall = pd.to_numeric(group["time_total_s"], errors="coerce").max()

@@ -53,9 +53,11 @@ RECIPE_KEY = "recipe"  # "search" for sampled trials, "keras" for the fixed Kera
 STEP_DROPS = ((0.5, 0.1), (0.75, 0.1))  # step family: x0.1 at 50% and 75% of the epochs
 
 
-def load_space(path: str | None, optimizer: str, profile: str = "gpu") -> dict[str, Any]:
-    """The default space, the profile's keys, then the file's keys laid over it; validated,
-    per-optimizer ranges resolved."""
+def load_space(path: str | None, optimizer: str, profile: str = "gpu",
+               num_workers: int = 1) -> dict[str, Any]:
+    """The default space, the profile's keys, then the file's keys laid over it; validated
+    (every value must make a config that trains on ``num_workers`` workers), per-optimizer
+    ranges resolved."""
     space = {**DEFAULT_SPACE, **PROFILE_SPACE.get(profile, {})}
     if path:
         space.update(_read_space_file(path))
@@ -63,7 +65,7 @@ def load_space(path: str | None, optimizer: str, profile: str = "gpu") -> dict[s
     for key, spec in space.items():
         if key not in TUNABLE:
             raise UsageError(f"--space: unknown key {key!r}; tunable keys: {', '.join(TUNABLE)}")
-        resolved[key] = _resolve(key, spec, optimizer)
+        resolved[key] = _resolve(key, spec, optimizer, num_workers)
     return resolved
 
 
@@ -88,10 +90,11 @@ def _read_space_file(path: str) -> dict[str, Any]:
     return data
 
 
-def _resolve(key: str, spec: Any, optimizer: str) -> Any:
+def _resolve(key: str, spec: Any, optimizer: str, num_workers: int = 1) -> Any:
     """A constant, or {"<distribution>": args} with per-optimizer ranges picked; checked."""
+    check = {"num_workers": num_workers} if key == "batch_size" else {}  # splits the batch
     if not isinstance(spec, Mapping):
-        _check_value(key, spec)
+        _check_value(key, spec, check)
         return spec
     if len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
         raise UsageError(f"--space: {key} must be a constant or one of "
@@ -105,7 +108,7 @@ def _resolve(key: str, spec: Any, optimizer: str) -> Any:
         if not isinstance(args, list) or not args:
             raise UsageError(f"--space: {key} choice needs a non-empty list, got {args!r}")
         for value in args:
-            _check_value(key, value)
+            _check_value(key, value, check)
         return {kind: list(args)}
     if not (isinstance(args, list) and len(args) == 2
             and all(isinstance(v, (int, float)) and math.isfinite(v) for v in args)):
@@ -114,15 +117,20 @@ def _resolve(key: str, spec: Any, optimizer: str) -> Any:
     if low >= high or (kind == "loguniform" and low <= 0):
         raise UsageError(f"--space: {key} {kind} range [{low}, {high}] is impossible "
                          f"(need low < high{', low > 0' if kind == 'loguniform' else ''})")
-    _check_value(key, low)
-    _check_value(key, high if kind != "randint" else high - 1)  # randint excludes high
+    if key == "batch_size" and num_workers > 1:  # a sampled batch must split over the workers
+        raise UsageError(f"--space: batch_size {kind} [{low}, {high}] may sample a batch that "
+                         f"{num_workers} workers cannot split evenly; use choice or grid with "
+                         f"multiples of {num_workers}")
+    _check_value(key, low, check)
+    _check_value(key, high if kind != "randint" else high - 1, check)  # randint excludes high
     return {kind: [low, high]}
 
 
-def _check_value(key: str, value: Any) -> None:
-    """A value is possible when a TrainConfig accepts it (same checks as the command line)."""
+def _check_value(key: str, value: Any, context: Mapping[str, Any] | None = None) -> None:
+    """A value is possible when a TrainConfig accepts it (same checks as the command line), with
+    the sweep's ``context`` (its worker count) around it."""
     try:
-        overrides = {key: value}
+        overrides = {**(context or {}), key: value}
         if key == "schedule" and value == "step":
             overrides["milestones"] = ((2, 0.1),)
         make_config(**overrides)

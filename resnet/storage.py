@@ -58,6 +58,14 @@ def read_bytes(src: str) -> bytes | None:
     return path.read_bytes() if path.is_file() else None
 
 
+def exists(path: str) -> bool:
+    """Whether a file is there (without reading it)."""
+    if is_uri(path):
+        fs, inner = pafs.FileSystem.from_uri(path)
+        return fs.get_file_info(inner).type == pafs.FileType.File
+    return Path(path).is_file()
+
+
 def delete(path: str) -> None:
     """Remove a file if it exists."""
     if is_uri(path):

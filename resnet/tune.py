@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import ray
@@ -21,98 +21,19 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from resnet import storage
-from resnet.config import TrainConfig, make_config
+from resnet.config import TrainConfig
 from resnet.data import Splits, load_splits
 from resnet.driver import (check_batch_fits, check_shared_storage, connect_ray, export_best,
-                           make_trainer)
+                           make_trainer, ray_cluster)
 from resnet.errors import TrainingFailed, UsageError
 from resnet.gradcam import gradcam_task
 from resnet.provenance import provenance
-from resnet.results import (SWEEP_FILE, TRAIN_RUNS, SweepResults, collect_results,
-                            print_table, write_parquet)
-from resnet.space import (PROFILE_SPACE, grid_size, keras_point, largest, load_space,
-                          to_tune, trial_config)
+from resnet.results import TRAIN_RUNS, SweepResults, collect_results, print_table, write_parquet
+from resnet.space import grid_size, keras_point, largest, load_space, to_tune, trial_config
+from resnet.sweep import SWEEP_FILE, SweepConfig, plan_resources
 
-SWEEP_PRESET = "fast"  # every searched trial starts from the fast recipe: the search's centre
 TRIAL_DRIVER_MEMORY = 256 * 2**20  # bytes reserved by each trial's driver process
 UNFINISHED = ("running", "pending", "paused")  # trial statuses after an interrupted fit()
-
-
-@dataclass(frozen=True)
-class SweepConfig:
-    """The sweep's own settings; ``base`` is the TrainConfig every trial starts from."""
-
-    base: TrainConfig
-    samples: int
-    target: float = 0.88
-    scheduler: str = "asha"
-    grace_period: int | None = None  # ASHA: epochs every trial runs before it may be stopped
-    max_concurrent: int | None = None  # None: as many as the cluster's resources hold
-    space: str | None = None
-    keras_trial: bool = False
-    gradcam_images: int = 10
-    gradcam_method: str = "gradcam"
-    resume: bool = False
-    profile: str = "custom"
-
-    @property
-    def grace(self) -> int:
-        """ASHA's grace period: a fifth of the epochs (at least 1) unless given."""
-        return self.grace_period or max(1, self.base.epochs // 5)
-
-    def validated(self) -> "SweepConfig":
-        checks = [(self.samples >= 1, f"--samples must be at least 1, got {self.samples}"),
-                  (0 < self.target <= 1, f"--target must be in (0, 1], got {self.target}"),
-                  (self.scheduler in ("asha", "fifo"), f"unknown --scheduler {self.scheduler!r}"),
-                  (self.grace_period is None or 1 <= self.grace_period <= self.base.epochs,
-                   f"--grace-period must be between 1 and --epochs {self.base.epochs}"),
-                  (self.max_concurrent is None or self.max_concurrent >= 1,
-                   "--max-concurrent must be at least 1"),
-                  (self.gradcam_images >= 0, "--gradcam-images must be >= 0")]
-        for ok, message in checks:
-            if not ok:
-                raise UsageError(message)
-        return self
-
-
-# Defaults that fit the hardware: the full sweep with GPUs, a few minutes' worth on CPUs only.
-# Flags given on the command line win over the profile.
-PROFILES: dict[str, dict[str, Any]] = {
-    "gpu": {"samples": 16, "epochs": 50, "subset": None, "val_size": 5000, "keras_trial": True},
-    "cpu": {"samples": 1, "epochs": 3, "subset": 4000, "val_size": 2000, "keras_trial": False},
-}
-
-
-def make_sweep(train_flags: dict[str, Any], sweep_flags: dict[str, Any]) -> SweepConfig:
-    """Flags (None = not given) plus the hardware profile -> a validated SweepConfig.
-
-    Connects to Ray after checking the flags and the --space file: the profile depends on
-    whether the cluster has GPUs.
-    """
-    given = {k: v for k, v in train_flags.items() if v is not None}
-    make_config(SWEEP_PRESET, **given)  # bad flags fail here, before Ray starts
-    if sweep_flags.get("space"):
-        load_space(sweep_flags["space"], given.get("optimizer", "sgd"), "cpu")
-    connect_ray()
-    has_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    use_gpu = train_flags.get("use_gpu")
-    profile = "gpu" if (has_gpu if use_gpu is None else use_gpu) else "cpu"
-    chosen = {k: v for k, v in PROFILES[profile].items()
-              if {**train_flags, **sweep_flags}.get(k) is None}
-    train = {**{k: v for k, v in chosen.items() if k in ("epochs", "subset", "val_size")},
-             **{k: v for k, v in train_flags.items() if v is not None}}
-    train.setdefault("name", f"tune-{train.get('model', 'resnet20')}-{profile}-seed"
-                             f"{train.get('seed', 0)}")
-    sweep = {**{k: v for k, v in chosen.items() if k in ("samples", "keras_trial")},
-             **{k: v for k, v in sweep_flags.items() if v is not None}}
-    if chosen:
-        given = ", ".join(f"{k}={v}" for k, v in chosen.items())
-        space = "; ".join(f"{k} {json.dumps(v)}" for k, v in PROFILE_SPACE[profile].items())
-        print(f"{'GPUs found' if has_gpu else 'no GPU found'}: {profile.upper()} profile "
-              f"({given}{f'; search space {space}' if space else ''}); flags and --space "
-              "override it", flush=True)
-    return SweepConfig(base=make_config(SWEEP_PRESET, **train), profile=profile,
-                       **sweep).validated()
 
 
 def train_trial(params: dict[str, Any], base: dict[str, Any], data: dict[str, Any],
@@ -132,45 +53,26 @@ def train_trial(params: dict[str, Any], base: dict[str, Any], data: dict[str, An
     trainer.fit()
 
 
-def plan_resources(base: TrainConfig, max_concurrent: int | None) -> tuple[TrainConfig, int]:
-    """Fill GPU use and CPUs per worker from the cluster; how many trials fit side by side."""
-    total = ray.cluster_resources()
-    gpus, cpus = total.get("GPU", 0), total.get("CPU", 1)
-    use_gpu = base.use_gpu if base.use_gpu is not None else gpus > 0
-    if use_gpu:  # each trial's share of the CPUs follows its share of the GPUs
-        per_worker_cpus = base.cpus_per_worker or (
-            max(1, int(cpus / gpus * base.gpus_per_worker)) if gpus else 1)
-        fits = gpus // (base.num_workers * base.gpus_per_worker)
-    else:
-        per_worker_cpus = base.cpus_per_worker or 1
-        fits = cpus // (base.num_workers * per_worker_cpus)
-    # With --max-concurrent the cluster may be smaller now: an autoscaler adds nodes on demand.
-    if fits < 1 and not max_concurrent:
-        raise UsageError(f"one trial needs {base.num_workers} worker(s) x {per_worker_cpus} CPU"
-                         f"{f' + {base.gpus_per_worker:g} GPU' if use_gpu else ''}; the cluster "
-                         f"has {cpus:g} CPUs and {gpus:g} GPUs: lower --num-workers or "
-                         "--cpus-per-worker")
-    return base.replace(use_gpu=use_gpu, cpus_per_worker=per_worker_cpus), \
-        int(max_concurrent or fits)
-
-
 def run_sweep(sweep: SweepConfig) -> dict[str, Any]:
     """Run (or resume) the sweep, then export and explain the winner; returns the summary."""
     started = time.time()
     base = sweep.base
-    space = load_space(sweep.space, base.optimizer, sweep.profile)
+    space = load_space(sweep.space, base.optimizer, sweep.profile, base.num_workers)
     dataset, splits = load_splits(base.data, base.val_size, base.subset, base.seed)
     print(f"data: {dataset.source.path} ({dataset.source.kind}, "
           f"{'Parquet cache' if dataset.from_cache else 'decoded'} in {dataset.load_s:.1f}s); "
           f"split {splits.sizes()}", flush=True)
     check_batch_fits(base.replace(batch_size=largest(space, "batch_size", base.batch_size)), splits)
     embedded = connect_ray()
+    cluster = ray_cluster(embedded)
     base, concurrent = plan_resources(base, sweep.max_concurrent)
     root = storage.absolute(base.storage)
     if not embedded:  # a cluster: every node must reach the storage
         check_shared_storage(root)
     name = base.run_name
     exp_dir = storage.join(root, name)
+    if sweep.resume:
+        check_same_data(exp_dir, dataset.key)
     trials = sweep.samples * grid_size(space) + sweep.keras_trial
     print(f"sweep {name}: {trials} trial(s) x {base.epochs} epochs of {base.model}, "
           f"{base.num_workers} worker(s) x {base.cpus_per_worker} CPU"
@@ -187,24 +89,30 @@ def run_sweep(sweep: SweepConfig) -> dict[str, Any]:
     # here would leave one core idle per trial).
     trainable = tune.with_resources(trainable, {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
     tuner = make_tuner(sweep, trainable, space, root, name, concurrent, exp_dir)
-    # The settings before any trial (jobs.analyze reads a running sweep with them); a resumed
-    # sweep keeps the ones it started with. After make_tuner, which refuses a clash of names.
+    # The settings before any trial (jobs.analyze reads a running sweep with them, --resume
+    # compares with them); a resumed sweep keeps the ones it started with. After make_tuner,
+    # which refuses a clash of names.
     settings = storage.join(exp_dir, SWEEP_FILE)
-    if not (sweep.resume and storage.read_bytes(settings) is not None):
+    if not (sweep.resume and storage.exists(settings)):
         storage.write_bytes(settings, json.dumps(
-            {"sweep": sweep_dict(replace(sweep, base=base)), "provenance": provenance()},
-            default=str).encode())
+            {"sweep": replace(sweep, base=base, resume=False).to_dict(), "space": space,
+             "data_key": dataset.key, "provenance": provenance()}, default=str).encode())
     tuner.fit()  # trial errors stay in the results; they do not raise here
     results = collect_results(exp_dir, base, sweep.target)
     write_parquet(storage.join(exp_dir, "trials.parquet"), results.trials,
-                  {"sweep": sweep_dict(sweep), "provenance": provenance()})
+                  {"sweep": sweep.to_dict(), "provenance": provenance()})
     unfinished = results.trials.loc[results.trials["status"].isin(UNFINISHED), "trial_id"]
     if len(unfinished):
         # Tune's SIGINT handler stops the trials, saves the experiment and returns from fit().
         raise KeyboardInterrupt(f"{unfinished.nunique()} trial(s) unfinished in {exp_dir}")
     if results.best is None:
+        statuses = set(results.trials["status"])
+        if statuses == {"diverged"}:
+            raise TrainingFailed("every trial diverged (its loss became NaN or inf), so there is "
+                                 "no model to export; search lower learning rates (--space)")
         raise TrainingFailed(f"no trial completed an epoch; see the trial errors in {exp_dir}")
     summary = finish(sweep, base, splits, results, exp_dir)
+    summary["ray_cluster"] = cluster
     summary["wall_s"] = round(time.time() - started, 1)
     storage.write_bytes(storage.join(exp_dir, "summary.json"), json.dumps(summary, indent=2).encode())
     print_table(results, sweep.target)
@@ -219,8 +127,9 @@ def make_tuner(sweep: SweepConfig, trainable, space: dict[str, Any], root: str, 
         raise UsageError(f"sweep {name!r} already exists in {root}; pass --resume to continue it, "
                          "or another --name")
     if exists:
-        print(f"resuming sweep {name} from {exp_dir}", flush=True)
         return tune.Tuner.restore(exp_dir, trainable, resume_unfinished=True, resume_errored=True)
+    if sweep.resume:  # stopped after sweep.json, before Tune saved anything: start it now
+        print(f"sweep {name} had not started a trial; starting it", flush=True)
     if sweep.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="epoch", max_t=sweep.base.epochs,
                                   grace_period=sweep.grace, reduction_factor=2)
@@ -239,6 +148,16 @@ def make_tuner(sweep: SweepConfig, trainable, space: dict[str, Any], root: str, 
                                              random_state=sweep.base.seed)),
         run_config=tune.RunConfig(name=name, storage_path=root, verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=0)))
+
+
+def check_same_data(exp_dir: str, data_key: str) -> None:
+    """A resumed sweep trains on the data it started with (compared by content, not path)."""
+    stored = storage.read_bytes(storage.join(exp_dir, SWEEP_FILE))
+    started = json.loads(stored).get("data_key") if stored else None
+    if started is not None and started != data_key:
+        raise UsageError(f"--resume: the data is not the data sweep {exp_dir} started with "
+                         f"(content key {data_key[:12]} now, {started[:12]} then); pass the same "
+                         "--data, or another --name to start a new sweep")
 
 
 def trial_dirname(trial) -> str:
@@ -279,11 +198,5 @@ def finish(sweep: SweepConfig, base: TrainConfig, splits: Splits, results: Sweep
                    for status in ("completed", "early-stopped", "diverged", "failed")},
         "model_export": storage.join(exp_dir, "best", "model.pt2"),
         "gradcam": [storage.join(exp_dir, "gradcam", f) for f in gradcam_files],
-        "sweep_config": sweep_dict(sweep), "provenance": provenance(),
+        "sweep_config": sweep.to_dict(), "provenance": provenance(),
     }
-
-
-def sweep_dict(sweep: SweepConfig) -> dict[str, Any]:
-    out = asdict(sweep)
-    out["base"] = sweep.base.to_dict()
-    return out

@@ -16,9 +16,9 @@ import shutil
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote
 
 import numpy as np
 from PIL import Image
@@ -73,17 +73,22 @@ def read_csv(path: Path, summary: ImportSummary) -> list[Region]:
 
 
 def read_json(path: Path, summary: ImportSummary) -> list[Region]:
-    """The project file (``_via_img_metadata`` inside) or the annotation export (the metadata)."""
+    """The VIA 2.x project file (``_via_img_metadata`` inside) or annotation export (the
+    metadata itself), or a VIA 1.x export (``regions`` an object keyed "0", "1", ...)."""
     data = _cell(path.read_text(encoding="utf-8"), str(path))
     images = data.get("_via_img_metadata", data) if isinstance(data, dict) else None
     if not isinstance(images, dict) or not all(
-            isinstance(v, dict) and "filename" in v and "regions" in v for v in images.values()):
-        raise UsageError(f"{path} is not a VIA 2.x project or annotation JSON export")
+            isinstance(v, dict) and "filename" in v and isinstance(v.get("regions"), (list, dict))
+            for v in images.values()):
+        raise UsageError(f"{path} is not a VIA project or annotation JSON export")
     regions = []
     for image in images.values():
-        if not image["regions"]:
+        listed = image["regions"]
+        if isinstance(listed, dict):  # VIA 1.x: {"0": region, "1": region, ...}
+            listed = [listed[k] for k in sorted(listed, key=lambda k: int(k) if k.isdigit() else k)]
+        if not listed:
             summary.skipped["image without regions"] += 1
-        for i, region in enumerate(image["regions"]):
+        for i, region in enumerate(listed):
             regions.append(Region(image["filename"], i, region.get("shape_attributes", {}),
                                   region.get("region_attributes", {})))
     return regions
@@ -93,8 +98,12 @@ def read_export(path: str, summary: ImportSummary) -> list[Region]:
     source = Path(path)
     if not source.is_file():
         raise UsageError(f"--csv {path}: no such file")
-    return read_json(source, summary) if source.suffix.lower() == ".json" else \
-        read_csv(source, summary)
+    try:
+        return read_json(source, summary) if source.suffix.lower() == ".json" else \
+            read_csv(source, summary)
+    except (UnicodeDecodeError, csv.Error) as exc:  # a binary file, or NUL bytes in text
+        raise UsageError(f"--csv {path} is not a VIA export: not UTF-8 text "
+                         f"({type(exc).__name__}); pass the .csv or .json VIA saved") from None
 
 
 def bounding_box(shape: dict[str, Any]) -> tuple[float, float, float, float] | None:
@@ -138,7 +147,9 @@ class ImageFinder:
         self.by_name: dict[str, list[Path]] | None = None
 
     def find(self, filename: str) -> Path | None:
-        name = unquote(urlparse(filename).path) if filename.startswith("file://") else filename
+        # file:///home/a/x.jpg -> /home/a/x.jpg; file://D:\annot\x.jpg -> D:\annot\x.jpg
+        name = unquote(filename[len("file://"):]) if filename.lower().startswith("file://") \
+            else filename
         for candidate in (Path(name), self.images / name):
             if candidate.is_file():
                 return candidate
@@ -146,7 +157,8 @@ class ImageFinder:
             self.by_name = {}
             for p in self.images.rglob("*"):
                 self.by_name.setdefault(p.name, []).append(p)
-        found = self.by_name.get(Path(name).name, [])
+        # The base name across both separator styles: exports made on Windows use backslashes.
+        found = self.by_name.get(PureWindowsPath(name).name, [])
         return found[0] if len(found) == 1 else None
 
 

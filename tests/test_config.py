@@ -33,6 +33,7 @@ def test_unknown_keys_are_rejected():
     # NCCL cannot share one GPU between the ranks of a group.
     ({"gpus_per_worker": 0.25, "num_workers": 2}, "fractions below 1 need exactly 1 worker"),
     ({"gpus_per_worker": 1.5}, "a fraction up to 1 or a whole number"),
+    ({"gpus_per_worker": 0}, r"--gpus-per-worker 0: to train without GPUs pass --cpu instead"),
     ({"ema": 1.0}, "--ema must be in"),
 ])
 def test_invalid_values_are_usage_errors(overrides, message):

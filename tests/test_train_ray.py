@@ -16,7 +16,7 @@ from resnet.data import load_splits
 from resnet.driver import check_shared_storage, train_driver_fn
 from resnet.errors import UsageError
 from resnet.models import build_model
-from resnet.train import evaluate
+from resnet.loop import evaluate
 from tests.conftest import descendants
 
 pytestmark = pytest.mark.ray
@@ -130,3 +130,42 @@ def test_the_embedded_ray_listens_on_loopback_only(ray_local):
     # workers. A torch.distributed store of a running training run is not among them.
     addresses = listening_addresses([os.getpid(), *descendants(os.getpid())])
     assert addresses and addresses <= LOOPBACK, addresses
+
+
+def test_tied_val_acc_the_best_epoch_export_and_test_acc_agree(ray_local, cifar, tmp_path):
+    """LR 1e-6 barely moves the weights: val_acc is the same at every epoch. Ray Train keeps the
+    latest of the tied checkpoints; summary.json must name that epoch, and test_acc must be the
+    exported model's accuracy on the test split."""
+    from tests.test_data import write_tree
+    tree = write_tree(tmp_path / "tree", cifar, train=25, test=5)
+    config = make_config(model="tiny", data=str(tree), val_size=10, epochs=3, batch_size=64,
+                         lr=1e-6, cpus_per_worker=1, storage=str(tmp_path), name="tied")
+    summary = train_driver_fn(config)
+    metrics = pd.read_parquet(tmp_path / "tied" / "metrics.parquet")
+    assert metrics["val_acc"].nunique() == 1  # a real tie at every epoch
+    state = load_state(summary["best_checkpoint"])
+    assert summary["best_epoch"] == state["epoch"] == 3  # the later epoch, the one kept
+    assert summary["best_val_acc"] == state["history"][-1]["val_acc"]
+    exported = torch.export.load(tmp_path / "tied" / "best" / "model.pt2").module()
+    _, splits = load_splits(str(tree), 10, None, 0)
+    with torch.no_grad():
+        predicted = exported(torch.tensor(splits.test_x).float() / 255).argmax(1).numpy()
+    assert summary["test_acc"] == (predicted == splits.test_y).mean()
+    assert summary["precision"] == {"train": "fp32", "val_acc": "fp32", "test_acc": "fp32",
+                                    "export": "fp32"}
+
+
+def test_an_error_inside_a_ray_task_reaches_the_user_as_one_line(ray_local, tmp_path, capsys):
+    import ray.train
+
+    from resnet.driver import finalize_best
+    from resnet.errors import run_main
+    gone = ray.train.Checkpoint(str(tmp_path / "epoch_0001"))  # deleted, as by Ray
+
+    def export_a_deleted_checkpoint() -> int:
+        ray_local.get(finalize_best.remote(gone, make_config(), None, None))
+        return 0
+
+    assert run_main("jobs.x", export_a_deleted_checkpoint) == 2
+    err = capsys.readouterr().err
+    assert err == f"jobs.x: error: checkpoint {tmp_path}/epoch_0001 does not exist\n"

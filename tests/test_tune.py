@@ -8,15 +8,16 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
-from resnet.checkpoint import load_state
+from resnet.checkpoint import inference_model, load_state
 from tests.conftest import run_job
 
 
 @pytest.mark.ray
 def test_cpu_profile_fills_only_what_was_not_given(ray_local):
-    from resnet.tune import make_sweep
+    from resnet.sweep import make_sweep
     sweep = make_sweep({"model": "resnet20"}, {})
     assert sweep.profile == "cpu" and (sweep.samples, sweep.keras_trial) == (1, False)
     assert (sweep.base.epochs, sweep.base.subset, sweep.base.val_size) == (3, 4000, 2000)
@@ -28,38 +29,58 @@ def test_cpu_profile_fills_only_what_was_not_given(ray_local):
 
 
 @pytest.mark.e2e
-def test_sweep_finds_the_best_trial_and_explains_it(sweep):
+def test_sweep_finds_the_best_trial_and_explains_it(sweep, shared_archive):
     proc, exp = sweep["proc"], sweep["dir"]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     trials = pd.read_parquet(exp / "trials.parquet")
     summary = json.loads((exp / "summary.json").read_text())
-    # The Keras trial comes on top of the grid's two (Tune's points replace samples).
-    assert trials["trial_id"].nunique() == 3 and "3 trial(s)" in proc.stdout
+    # The Keras trial comes on top of the grid's three (Tune's points replace samples).
+    assert trials["trial_id"].nunique() == 4 and "4 trial(s)" in proc.stdout
     assert trials.drop_duplicates("trial_id")["recipe"].value_counts().to_dict() == \
-        {"search": 2, "keras": 1}
+        {"search": 3, "keras": 1}
     assert not trials.duplicated(["trial_id", "epoch"]).any()
     assert {"config/lr", "config/schedule", "val_acc", "loss", "lr", "epoch"} <= set(trials.columns)
-    # --eval-variants: the fast recipe's trials also report val_acc without EMA and TTA.
+    # Where each epoch ran: one rank per trial, a Ray node of this machine's cluster.
+    assert (trials["world_size"] == 1).all() and trials["node_ids"].str.len().gt(20).all()
+    # --eval-variants: the fast recipe's trials (EMA off here) also report val_acc without TTA.
     searched = trials[(trials["recipe"] == "search") & (trials["status"] != "diverged")]
-    for column in ("val_acc_plain", "val_acc_tta_only", "val_acc_ema_only"):
+    for column in ("val_acc_plain", "val_acc_tta_only"):
         assert searched[column].between(0, 1).all()
+    assert "val_acc_ema_only" not in trials
 
-    # The huge LR diverged and stopped itself; the others ran.
+    # The huge LR diverged and stopped itself; ASHA stopped the LR that learns nothing after
+    # its grace period of one epoch; the Keras trial (first, alone at its rung) ran to the end.
     status = trials.drop_duplicates("trial_id").set_index("config/lr")["status"]
+    epochs = trials.groupby("config/lr")["epoch"].max()
     assert status[1e6] == "diverged"
-    assert set(status[[0.1, 0.003]]) <= {"completed", "early-stopped"} and "completed" in set(status)
-    assert summary["trials"]["diverged"] == 1
+    assert status[1e-6] == "early-stopped" and epochs[1e-6] == 1
+    assert status[0.003] == "completed" and epochs[0.003] == 2  # the Keras recipe's LR
+    assert status[0.05] == "completed"  # above the Keras trial at the rung, or alone there
+    assert summary["trials"] == {"completed": int((status == "completed").sum()),
+                                 "early-stopped": int((status == "early-stopped").sum()),
+                                 "diverged": 1, "failed": 0}
 
-    # The winner is the highest val_acc in trials.parquet, and its checkpoint is that epoch's.
+    # The winner: no epoch of a trial that trained scored higher, and its checkpoint, the
+    # exported model and summary.json describe the same weights.
     sane = trials[trials["status"] != "diverged"]
-    top = sane.loc[sane["val_acc"].idxmax()]
-    assert (summary["best_trial"], summary["best_epoch"]) == (top["trial_id"], top["epoch"])
-    assert summary["best_val_acc"] == top["val_acc"] == sane["val_acc"].max()
-    assert summary["best_checkpoint"] == top["checkpoint_path"]
+    assert summary["best_val_acc"] >= sane["val_acc"].max()
     state = load_state(summary["best_checkpoint"])
-    assert state["history"][-1]["val_acc"] == top["val_acc"] and state["epoch"] == top["epoch"]
-    assert summary["target_reached"] is False and summary["test_acc"] is None
-    assert (exp / "best" / "model.pt2").stat().st_size > 100_000
+    assert state["epoch"] == summary["best_epoch"]
+    assert state["history"][-1]["val_acc"] == summary["best_val_acc"]
+    from resnet.data import load_splits
+    _, splits = load_splits(str(shared_archive), 500, 1000, 0)
+    x = torch.tensor(splits.val_x[:16]).float() / 255
+    exported = torch.export.load(exp / "best" / "model.pt2").module()
+    with torch.no_grad():
+        assert torch.allclose(exported(x), inference_model(state)(x), atol=1e-5)
+    assert summary["test_acc"] is None  # the training split only: no test images
+
+    # The target (0.2 here): reached, and first at the earliest epoch any trial passed it.
+    hit = summary["first_at_target"]
+    assert summary["target_reached"] is True and summary["target_acc"] == 0.2
+    passed = sane[sane["val_acc"] >= 0.2]
+    assert hit["epoch"] == passed["epoch"].min()
+    assert ((passed["trial_id"] == hit["trial_id"]) & (passed["epoch"] == hit["epoch"])).any()
 
     # Grad-CAM: a readable grid, one PNG per image, CAMs that are neither flat nor all alike.
     grid = Image.open(io.BytesIO((exp / "gradcam" / "gradcam.png").read_bytes()))
@@ -73,8 +94,70 @@ def test_sweep_finds_the_best_trial_and_explains_it(sweep):
 
     # The console ends with the per-trial table and the target line.
     tail = proc.stdout.strip().splitlines()
-    assert tail[-1].startswith("target val_acc 0.88 not reached; best")
-    assert any("diverged" in line for line in tail[-5:])
+    assert tail[-1].startswith(f"target val_acc 0.20 reached by trial {hit['trial_id']} at "
+                               f"epoch {hit['epoch']}; best")
+    assert any("diverged" in line for line in tail[-6:])
+
+
+@pytest.mark.ray
+def test_a_sweep_whose_val_acc_ties_exports_the_checkpoint_ray_kept(ray_local, shared_archive,
+                                                                     tmp_path, capsys):
+    """The reproduction of a tie: LR 1e-6 leaves val_acc at the same value every epoch; Ray
+    Train keeps only the latest of the tied checkpoints, which must be the winner."""
+    from jobs.tune import main
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps({"schedule": "onecycle", "lr": 1.0e-6, "batch_size": 64,
+                                 "ema": 0.0, "tta": False}))
+    code = main(["--data", str(shared_archive), "--space", str(space), "--samples", "1",
+                 "--epochs", "3", "--subset", "200", "--val-size", "10", "--cpu", "--scheduler",
+                 "fifo", "--gradcam-images", "2", "--storage", str(tmp_path), "--name", "tied"])
+    assert code == 0, capsys.readouterr().err[-3000:]
+    exp = tmp_path / "tied"
+    trials = pd.read_parquet(exp / "trials.parquet")
+    assert trials["epoch"].tolist() == [1, 2, 3] and trials["val_acc"].nunique() == 1
+    summary = json.loads((exp / "summary.json").read_text())
+    state = load_state(summary["best_checkpoint"])
+    assert summary["best_epoch"] == state["epoch"] == 3
+    exported = torch.export.load(exp / "best" / "model.pt2").module()
+    x = torch.rand(8, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(exported(x), inference_model(state)(x), atol=1e-5)
+    assert len(summary["gradcam"]) == 4  # grid, 2 images, cams.npz
+
+
+@pytest.mark.ray
+def test_a_sweep_where_every_trial_diverges_exits_1_and_says_why(ray_local, shared_archive,
+                                                                  tmp_path, capsys):
+    from jobs.tune import main
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps({"schedule": "onecycle", "lr": 1.0e6, "batch_size": 64}))
+    code = main(["--data", str(shared_archive), "--space", str(space), "--model", "tiny",
+                 "--samples", "1", "--epochs", "2", "--subset", "200", "--val-size", "50",
+                 "--cpu", "--scheduler", "fifo", "--storage", str(tmp_path), "--name", "nan"])
+    err = capsys.readouterr().err
+    assert code == 1, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        "jobs.tune: error: every trial diverged (its loss became NaN or inf), so there is no "
+        "model to export; search lower learning rates (--space)")
+    trials = pd.read_parquet(tmp_path / "nan" / "trials.parquet")
+    assert set(trials["status"]) == {"diverged"} and trials["epoch"].tolist() == [1]
+    assert not (tmp_path / "nan" / "summary.json").exists()
+    assert not (tmp_path / "nan" / "best").exists()
+
+
+@pytest.mark.e2e
+def test_resume_with_other_settings_or_nothing_to_resume_is_refused(sweep, capsys):
+    from jobs.tune import main
+    exp, args = sweep["dir"], sweep["args"][1:]
+    written = {p: p.stat().st_mtime_ns for p in exp.rglob("*") if p.is_file()}
+    assert main([*args, "--epochs", "3", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume: sweep 'sweep' was started with other settings: epochs 2 (now 3)" in err
+    assert err.count("\n") == 1
+    assert main([*args[:-1], "elsewhere", "--resume"]) == 2  # --name elsewhere
+    err = capsys.readouterr().err
+    assert "--resume: there is no sweep 'elsewhere' in" in err and err.count("\n") == 1
+    assert {p: p.stat().st_mtime_ns for p in written} == written
 
 
 @pytest.mark.e2e

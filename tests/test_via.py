@@ -139,6 +139,44 @@ def test_the_json_project_export(tmp_path):
     assert len(list((tmp_path / "t" / "test").rglob("*.png"))) == 2  # one of each class
 
 
+def test_windows_paths_match_by_base_name(tmp_path):
+    images = tmp_path / "images"
+    draw(images / "street_02.jpg", 60, 60)
+    draw(images / "img.jpg", 60, 60, seed=1)
+    rect = {"name": "rect", "x": 0, "y": 0, "width": 30, "height": 30}
+    export = write_csv(tmp_path / "export.csv", [
+        ("file://D:\\annot\\street_02.jpg", 1, 0, rect, {"kind": "cat"}),
+        ("C:\\data\\img.jpg", 1, 0, rect, {"kind": "dog"}),
+        ("file:///D:/annot/street_02.jpg", 1, 0, rect, {"kind": "dog"})])
+    summary = import_via(str(export), str(images), "kind", str(tmp_path / "tree"),
+                         val_fraction=0.0)
+    assert dict(summary.written) == {"cat": 1, "dog": 2} and not summary.skipped
+
+
+def test_a_via_1_json_export_with_regions_keyed_by_number(tmp_path):
+    # The via_region_data.json layout of the Mask R-CNN tutorials (VIA 1.x).
+    images = tmp_path / "images"
+    draw(images / "balloon.jpg", 80, 60)
+    polygon = {"name": "polygon", "all_points_x": [5, 40, 20], "all_points_y": [5, 10, 50]}
+    export = {"balloon.jpg1234": {
+        "fileref": "", "size": 1234, "filename": "balloon.jpg", "base64_img_data": "",
+        "file_attributes": {},
+        "regions": {"0": {"shape_attributes": polygon, "region_attributes": {"kind": "red"}},
+                    "1": {"shape_attributes": {"name": "rect", "x": 40, "y": 20, "width": 30,
+                                               "height": 30},
+                          "region_attributes": {"kind": "blue"}}}},
+        "empty.jpg99": {"fileref": "", "size": 99, "filename": "empty.jpg",
+                        "base64_img_data": "", "file_attributes": {}, "regions": {}}}
+    (tmp_path / "via_region_data.json").write_text(json.dumps(export))
+    summary = import_via(str(tmp_path / "via_region_data.json"), str(images), "kind",
+                         str(tmp_path / "tree"), val_fraction=0.0)
+    assert dict(summary.written) == {"red": 1, "blue": 1}
+    assert dict(summary.skipped) == {"image without regions": 1}
+    manifest = list(csv.DictReader(open(tmp_path / "tree" / "manifest.csv")))
+    assert [(m["region_id"], m["box"]) for m in manifest] == [("0", "5 5 40 50"),
+                                                               ("1", "40 20 70 50")]
+
+
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     images = tmp_path / "images"
     draw(images / "a.png", 50, 50)
@@ -148,7 +186,11 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     one_class = write_csv(tmp_path / "one.csv", [("a.png", 1, 0, rect, {"kind": "cat"})])
     no_images = write_csv(tmp_path / "none.csv", [("x.png", 2, 0, rect, {"kind": "cat"}),
                                                    ("y.png", 2, 1, rect, {"kind": "dog"})])
+    (tmp_path / "random.csv").write_bytes(np.random.default_rng(0).bytes(4096))
+    (tmp_path / "random.json").write_bytes(np.random.default_rng(1).bytes(4096))
     cases = [
+        (tmp_path / "random.csv", "kind", "is not a VIA export: not UTF-8 text"),
+        (tmp_path / "random.json", "kind", "is not a VIA export: not UTF-8 text"),
         (tmp_path / "notes.csv", "kind", "is not a VIA 2.x CSV export"),
         (tmp_path / "bad.csv", "kind", "line 2: malformed JSON"),
         (one_class, "Gender", "no region has the attribute 'Gender'; the export has: kind"),
@@ -185,3 +227,17 @@ def test_train_and_gradcam_on_an_imported_tree(shared_export, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "cam").iterdir()) == \
         ["00_female.png", "01_male.png", "cams.npz", "gradcam.png"]
+
+
+def test_class_names_become_safe_folder_names(tmp_path):
+    from resnet.via import safe
+    assert [safe(n) for n in ("cat/dog", "a\\b", "..", ".hidden", "../../etc")] == \
+        ["cat_dog", "a_b", "_", "hidden", "_.._etc"]
+    images = tmp_path / "images"
+    draw(images / "a.png", 50, 50)
+    rect = {"name": "rect", "x": 0, "y": 0, "width": 20, "height": 20}
+    export = write_csv(tmp_path / "export.csv", [("a.png", 2, 0, rect, {"kind": "../up"}),
+                                                 ("a.png", 2, 1, rect, {"kind": "b/c"})])
+    import_via(str(export), str(images), "kind", str(tmp_path / "tree"), val_fraction=0.0)
+    assert sorted(p.name for p in (tmp_path / "tree" / "train").iterdir()) == ["_up", "b_c"]
+    assert not (tmp_path / "up").exists()  # nothing written outside the tree

@@ -1,0 +1,90 @@
+"""A sweep's results on synthetic trial tables (no Ray): the winner, ties, diverged trials, metric
+and mode. Checkpoints are real folders on disk, written or left out as Ray Train leaves them."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from resnet.checkpoint import CHECKPOINT_FILE
+from resnet.results import best_row, first_at_target, first_epochs, metric_mode, per_trial
+
+
+def table(tmp_path, rows, kept=None):
+    """Trial rows ``(trial, epoch, val_acc, status)``; a checkpoint folder per row, with its
+    ``checkpoint.pt`` only for the (trial, epoch) pairs in ``kept`` (default: all)."""
+    records = []
+    for trial, epoch, val_acc, status in rows:
+        folder = tmp_path / trial / f"epoch_{epoch:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        if kept is None or (trial, epoch) in kept:
+            (folder / CHECKPOINT_FILE).write_bytes(b"a checkpoint")
+        records.append({"trial_id": trial, "epoch": epoch, "val_acc": val_acc, "status": status,
+                        "recipe": "search", "checkpoint_path": str(folder), "lr": 0.1,
+                        "diverged": status == "diverged", "time_total_s": 10.0 * epoch,
+                        "config/schedule": "onecycle", "config/lr": 0.1,
+                        "config/batch_size": 64, "config/weight_decay": 5e-4,
+                        "config/label_smoothing": 0.1, "config/warmup_frac": 0.15,
+                        "config/final_lr_ratio": 0.0})
+    frame = pd.DataFrame(records)
+    frame["epoch"] = frame["epoch"].astype("Int64")
+    return frame
+
+
+def test_a_tie_goes_to_the_later_epoch_whose_checkpoint_ray_kept(tmp_path):
+    # val_acc 0.1 at every epoch (the lr=1e-6 reproduction): Ray Train kept only epoch 3.
+    trials = table(tmp_path, [("a", e, 0.1, "completed") for e in (1, 2, 3)], kept={("a", 3)})
+    best = best_row(trials)
+    assert (best["trial_id"], best["epoch"], best["val_acc"]) == ("a", 3, 0.1)
+    assert best["checkpoint_path"].endswith("epoch_0003")
+    # The per-trial table names the same epoch.
+    assert per_trial(trials, 0.88).iloc[0]["best_epoch"] == 3
+
+
+def test_the_winner_is_never_a_checkpoint_that_is_gone(tmp_path):
+    # The highest val_acc's checkpoint was lost: the best one that exists wins instead.
+    trials = table(tmp_path, [("a", 1, 0.5, "completed"), ("a", 2, 0.4, "completed"),
+                              ("b", 1, 0.45, "completed")], kept={("a", 2), ("b", 1)})
+    assert (best_row(trials)["trial_id"], best_row(trials)["epoch"]) == ("b", 1)
+    none_left = table(tmp_path / "gone", [("a", 1, 0.5, "completed")], kept=set())
+    assert best_row(none_left) is None
+
+
+def test_diverged_and_unscored_rows_never_win(tmp_path):
+    trials = table(tmp_path, [("a", 1, 0.3, "completed"), ("b", 1, 0.9, "diverged"),
+                              ("c", 1, math.nan, "completed"), ("d", 1, math.inf, "completed")])
+    assert best_row(trials)["trial_id"] == "a"
+    table_rows = per_trial(trials, 0.88)
+    assert table_rows.iloc[-1]["status"] == "diverged"  # ranked last despite its 0.9
+
+
+def test_ties_between_trials_go_to_the_later_epoch_then_the_lower_trial_id(tmp_path):
+    trials = table(tmp_path, [("b", 1, 0.6, "completed"), ("a", 2, 0.6, "completed"),
+                              ("c", 2, 0.6, "completed")])
+    assert (best_row(trials)["trial_id"], best_row(trials)["epoch"]) == ("a", 2)
+
+
+def test_first_epoch_at_target_per_trial_and_overall(tmp_path):
+    trials = table(tmp_path, [("a", 1, 0.5, "completed"), ("a", 2, 0.89, "completed"),
+                              ("b", 1, 0.87, "completed"), ("b", 2, 0.88, "completed"),
+                              ("c", 1, 0.2, "early-stopped")])
+    assert first_epochs(trials, 0.88) == {"a": 2, "b": 2, "c": None}
+    assert first_at_target(trials, 0.88) == {"trial_id": "a", "epoch": 2}
+    assert first_at_target(trials, 0.95) is None
+
+
+@pytest.mark.parametrize("metric, mode", [("val_acc", "max"), ("val_loss", "min"),
+                                          ("loss", "min"), ("val_acc_plain", "max")])
+def test_losses_are_minimised_everything_else_maximised(metric, mode):
+    assert metric_mode(metric) == mode
+
+
+def test_per_trial_ranks_by_a_loss_lowest_first(tmp_path):
+    trials = table(tmp_path, [("a", 1, 0.5, "completed"), ("b", 1, 0.6, "completed")])
+    trials["val_loss"] = [0.9, 1.2]
+    ranked = per_trial(trials, 0.88, metric="val_loss")
+    assert ranked["trial"].tolist() == ["a", "b"] and ranked["best_val_loss"].tolist() == [0.9, 1.2]
+    by_acc = per_trial(trials, 0.88)
+    assert by_acc["trial"].tolist() == ["b", "a"]
