@@ -7,7 +7,7 @@ ARGS ?=
 
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: run test venv chromium clean
+.PHONY: run test test-fast venv chromium clean
 
 venv: $(VENV)/.installed
 
@@ -21,6 +21,10 @@ run: venv
 
 test: venv chromium
 	$(PY) -m pytest -q --durations=12 tests
+
+# The fast tier for your own loop: no Ray start-ups, no whole jobs (a few minutes).
+test-fast: venv
+	$(PY) -m pytest -q --durations=5 -m "not ray and not e2e" tests
 
 # The report test renders report.html in headless Chromium: Debian's package, when absent.
 chromium:

@@ -42,3 +42,18 @@ def git_revision() -> str | None:
 def provenance() -> dict[str, object]:
     return {"versions": package_versions(), "git_revision": git_revision(),
             "host": platform.node(), "platform": platform.platform()}
+
+
+RUNTIME_ENV = Path(__file__).resolve().parent.parent / "jobs" / "runtime_env.yaml"
+
+
+def submit_runtime_env(path: Path = RUNTIME_ENV) -> str:
+    """``ray job submit``'s runtime env as JSON: the YAML file plus this checkout's revision."""
+    import json
+
+    import yaml
+    env = yaml.safe_load(path.read_text())
+    revision = git_revision()
+    if revision:
+        env.setdefault("env_vars", {})["RESNET_GIT_REVISION"] = revision
+    return json.dumps(env)

@@ -16,6 +16,9 @@ import pytest
 
 # Before Ray is imported anywhere: no usage stats, every Ray process on 127.0.0.1.
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+# Ray merges log lines that differ only in digits ("Epoch 1/2" of two processes); tests that read
+# the console need every line.
+os.environ["RAY_DEDUP_LOGS"] = "0"
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.pop("RAY_ADDRESS", None)
 os.environ.pop("CIFAR10_DATA", None)
@@ -130,19 +133,25 @@ def reap(pids: list[int], timeout: float = 60) -> list[str]:
     return left
 
 
-# The test sweep's space: two trials by grid, a sane learning rate and one that must diverge.
-SWEEP_SPACE = {"lr": {"grid": [0.1, 1e6]}, "schedule": "onecycle", "batch_size": 64}
+# The test sweep's space: three trials by grid, a sane learning rate (val_acc about 0.14 after
+# epoch 1, 0.29 after epoch 2), one too small to learn anything (ASHA must stop it at its first
+# rung: it stays at chance, 0.10) and one that must diverge. No EMA: it would lag in 31 steps.
+SWEEP_SPACE = {"lr": {"grid": [0.05, 1e-6, 1e6]}, "schedule": "onecycle", "batch_size": 32,
+               "ema": 0.0}
+SWEEP_TARGET = 0.2  # low enough that a trial reaches it: the "target reached" branches run
 
 
 @pytest.fixture(scope="session")
 def sweep(shared_archive, tmp_path_factory):
-    """One real sweep, shared by the Tune, analysis and fault tests: the Keras trial, then the 2
-    grid trials, one at a time (1 worker x 2 CPUs) x 2 epochs on 1,000 images. On the way, each
-    step waiting on reported progress:
+    """One real sweep, shared by the Tune, analysis and fault tests: the Keras trial, then the 3
+    grid trials, one at a time (1 worker x 2 CPUs) x 2 epochs on 1,000 images, ASHA with a
+    grace period of 1 epoch, target 0.2. On the way, each step waiting on reported progress:
 
-    - once an epoch is reported, ``jobs.analyze`` reads the running sweep (``partial``);
-    - once the second trial has checkpointed epoch 1, the driver is SIGKILLed (``killed``: the
-      epoch each trial had checkpointed, and the checkpoint files, at that moment);
+    - once the first trial (the Keras one, which ASHA cannot stop: it is alone at its rung) has
+      reported and checkpointed epoch 1, so that it is certainly in epoch 2, the driver is
+      SIGKILLed (``killed``: the time, the epoch each trial had checkpointed, the first trial's
+      epoch-1 metrics and the bytes of every checkpoint at that moment);
+    - ``jobs.analyze`` reads the interrupted sweep (``partial``);
     - the same command with ``--resume`` completes the sweep (``proc``: its output).
     """
     tmp = tmp_path_factory.mktemp("sweep")
@@ -150,21 +159,23 @@ def sweep(shared_archive, tmp_path_factory):
     args = ["jobs.tune", "--data", str(shared_archive), "--samples", "1", "--epochs", "2",
             "--subset", "1000", "--num-workers", "1", "--cpus-per-worker", "2",
             "--max-concurrent", "1", "--val-size", "500", "--keras-trial", "--eval-variants",
-            "--scheduler", "asha", "--space", str(tmp / "space.json"),
-            "--storage", str(tmp), "--name", "sweep"]
+            "--scheduler", "asha", "--grace-period", "1", "--target", str(SWEEP_TARGET),
+            "--space", str(tmp / "space.json"), "--storage", str(tmp), "--name", "sweep"]
     exp = tmp / "sweep"
     runs = exp / "train_runs"
     with open(tmp / "killed.log", "w+") as log:
         proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, text=True, stdout=log,
                                 stderr=subprocess.STDOUT)
         try:
-            wait_for(lambda: any(p.stat().st_size for p in exp.glob("trial_*/result.json"))
-                     and list(exp.glob("experiment_state-*.json")), proc)
-            partial = run_job("jobs.analyze", str(exp), "--out", str(tmp / "partial"))
-            wait_for(lambda: len(trial_runs(runs)) >= 2 and reported_epoch(trial_runs(runs)[1]), proc)
+            # (Tune's own result.json of a trial is flushed late, so it is no signal.)
+            wait_for(lambda: trial_runs(runs) and reported_epoch(trial_runs(runs)[0]) >= 1, proc)
             ray_processes = descendants(proc.pid)
-            killed = {"epochs": {run.name: reported_epoch(run) for run in trial_runs(runs)},
-                      "checkpoints": {p: p.stat().st_mtime_ns for p in runs.rglob("checkpoint.pt")}}
+            first = trial_runs(runs)[0]
+            killed = {"time_ns": time.time_ns(), "first": first.name,
+                      "epochs": {run.name: reported_epoch(run) for run in trial_runs(runs)},
+                      "first_epoch_1": json.loads((first / "checkpoint_manager_snapshot.json")
+                                                  .read_text())["latest_checkpoint_result"]["metrics"],
+                      "checkpoints": {p: p.read_bytes() for p in runs.rglob("checkpoint.pt")}}
             proc.kill()  # SIGKILL: no handler runs, as when a machine dies
         finally:
             proc.kill()
@@ -172,6 +183,7 @@ def sweep(shared_archive, tmp_path_factory):
         killed["leftover_processes"] = reap(ray_processes, timeout=10)  # Ray's fate sharing
         log.seek(0)
         killed["output"] = log.read()
+    partial = run_job("jobs.analyze", str(exp), "--out", str(tmp / "partial"))
     done = run_job(*args, "--resume")
     return {"args": args, "proc": done, "dir": exp, "partial": partial,
             "partial_dir": tmp / "partial", "killed": killed}

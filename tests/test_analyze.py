@@ -38,12 +38,23 @@ def test_table_puts_the_sweeps_winner_first(analysed, sweep):
     assert first[0] == analysed["summary"]["best_trial"]
     assert len(lines) >= 4 and "partial" not in analysed["proc"].stdout
 
-    from resnet.analysis import best_trial, load_trials
+    from resnet.analysis import best_trial, load_trials, open_experiment
     best = best_trial(str(sweep["dir"]))
     assert best.iloc[0]["trial"] == analysed["summary"]["best_trial"]
     assert best.iloc[0]["best_val_acc"] == analysed["summary"]["best_val_acc"]
+    assert best.iloc[0]["best_epoch"] == analysed["summary"]["best_epoch"]
     trials = load_trials(str(sweep["dir"]))
-    assert trials["trial_id"].nunique() == 3 and (trials["val_acc"].dropna() <= 1).all()
+    assert trials["trial_id"].nunique() == 4 and (trials["val_acc"].dropna() <= 1).all()
+
+    # Time and reserved resources per trial: the wall time Tune measured holds the epochs it
+    # timed (the killed trial's epoch 1 ran before the restart Tune timed from) and fits in the
+    # sweep's; the trial reserved 1 worker x 2 CPUs for that long, and no GPU.
+    table = open_experiment(str(sweep["dir"])).table.set_index("trial")
+    for trial, row in table.iterrows():
+        timed = trials[(trials["trial_id"] == trial) & trials["time_total_s"].notna()]
+        assert timed["epoch_s"].sum() <= row["wall_s"] <= analysed["summary"]["wall_s"], trial
+        assert row["cpu_s"] == pytest.approx(2 * row["wall_s"], abs=0.15)  # both rounded
+        assert row["gpu_s"] == 0.0
 
 
 def test_plots_and_tables_are_real_files(analysed, sweep):

@@ -4,6 +4,7 @@ and cluster.yaml against Ray's own cluster-config validator."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 import secrets
 import signal
@@ -98,7 +99,7 @@ def head_node():
                 break
             time.sleep(3)
         assert ready.returncode == 0, ready.stderr[-2000:]
-        yield {"env": env, "address": address, "token": token}
+        yield {"env": env, "address": address, "token": token, "gcs": f"127.0.0.1:{gcs}"}
     finally:
         stop_head(*markers)
         assert not processes_of(*markers), "the head node outlived the test"
@@ -109,9 +110,11 @@ def test_ray_job_submit_runs_the_tune_job_on_a_head_node(head_node, shared_archi
     env, address = head_node["env"], head_node["address"]
     space = tmp_path / "space.json"  # one trial: the CPU profile would run one per schedule family
     space.write_text('{"schedule": "onecycle"}')
+    runtime_env = subprocess.run([sys.executable, "-m", "jobs.runtime_env"], cwd=ROOT, env=env,
+                                 capture_output=True, text=True, check=True).stdout
     submit = ray_cli(
         "job", "submit", "--address", address, "--submission-id", "tune-ci",
-        "--runtime-env", "jobs/runtime_env.yaml", "--",
+        "--runtime-env-json", runtime_env, "--",
         "python", "-m", "jobs.tune", "--data", str(shared_archive), "--samples", "1",
         "--epochs", "1", "--subset", "500", "--val-size", "500", "--cpus-per-worker", "1",
         "--space", str(space), "--gradcam-images", "3", "--storage", str(tmp_path),
@@ -124,6 +127,14 @@ def test_ray_job_submit_runs_the_tune_job_on_a_head_node(head_node, shared_archi
     run = tmp_path / "submitted"
     for artifact in ("summary.json", "trials.parquet", "best/model.pt2", "gradcam/gradcam.png"):
         assert (run / artifact).is_file(), artifact
+    # It ran on the head node's cluster, not on an embedded Ray of its own, from this checkout.
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["ray_cluster"]["embedded"] is False
+    assert summary["ray_cluster"]["gcs_address"] == head_node["gcs"]
+    revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    assert summary["provenance"]["git_revision"].startswith(revision)
+    assert summary["provenance"]["versions"]["ray"] and summary["provenance"]["host"]
     logs = ray_cli("job", "logs", "--address", address, "tune-ci", env=env, timeout=120)
     assert "Epoch 1/1 - " in logs.stdout and "target val_acc 0.88 not reached" in logs.stdout
 
@@ -159,8 +170,17 @@ def test_cluster_yaml_passes_rays_own_validator():
     assert config["available_node_types"]["gpu_worker"]["node_config"]["InstanceType"].startswith("g")
 
 
-def test_runtime_env_ships_code_not_data():
+def test_runtime_env_ships_code_not_data_and_names_the_revision():
     env = yaml.safe_load((ROOT / "jobs" / "runtime_env.yaml").read_text())
     assert env["working_dir"] == "."
     assert {".git", ".venv", "results", "*.parquet"} <= set(env["excludes"])
     assert env["env_vars"]["RAY_USAGE_STATS_ENABLED"] == "0"
+    # What `ray job submit --runtime-env-json "$(python -m jobs.runtime_env)"` sends: the same,
+    # plus this checkout's git revision (the working_dir carries no .git to read it from).
+    proc = subprocess.run([sys.executable, "-m", "jobs.runtime_env"], cwd=ROOT,
+                          capture_output=True, text=True, check=True)
+    sent = json.loads(proc.stdout)
+    revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    assert sent["env_vars"].pop("RESNET_GIT_REVISION").startswith(revision)
+    assert sent == env

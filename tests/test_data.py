@@ -237,3 +237,14 @@ def test_second_load_comes_from_the_cache_and_is_faster(cifar, tmp_path, monkeyp
         [tmp_path / "cache" / f"cifar10-{cold.key}.parquet"]
     assert np.array_equal(warm.train_x, cold.train_x) and warm.load_s < cold.load_s
     print(f"cold load {cold.load_s:.2f}s, warm load {warm.load_s:.2f}s")
+
+
+def test_a_corrupt_cache_file_is_decoded_again_and_replaced(cifar, tmp_path, monkeypatch):
+    monkeypatch.setenv("RESNET_CACHE_DIR", str(tmp_path / "cache"))
+    source = str(write_tree(tmp_path / "tree", cifar, train=5, test=1))
+    first = load_dataset(source)
+    cached = tmp_path / "cache" / f"cifar10-{first.key}.parquet"
+    cached.write_bytes(cached.read_bytes()[:500])  # truncated, as by a full disk
+    again = load_dataset(source)
+    assert not again.from_cache and np.array_equal(again.train_x, first.train_x)
+    assert load_dataset(source).from_cache  # the cache was written anew, and reads back

@@ -6,7 +6,7 @@ import torch
 
 from resnet.config import make_config
 from resnet.models import build_model
-from resnet.train import make_optimizer, param_groups
+from resnet.loop import make_optimizer, param_groups
 
 
 @pytest.mark.parametrize("bn_bias_decay", [True, False])
@@ -45,29 +45,30 @@ def test_ema_warms_its_decay_up_then_caps_it():
     assert ema.n_averaged == 203 and not ema.module.weight.requires_grad
 
 
-def test_ema_equals_torchs_averaged_model_with_the_same_decay():
-    from torch.optim.swa_utils import AveragedModel
+def test_ema_equals_torchs_own_ema_once_its_decay_is_warmed_up():
+    """Against torch's reference implementation (AveragedModel with get_ema_multi_avg_fn),
+    BatchNorm buffers included: the first update copies, then each moves by 1 - decay."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     from resnet.ema import EMA
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     ours = EMA(net, 0.9)
-
-    def warmed_up(averages, params, n) -> None:  # the same rule, one tensor at a time
-        d = min(0.9, (1 + int(n)) / (10 + int(n)))
-        for a, p in zip(averages, params):
-            a.copy_(d * a + (1 - d) * p if a.is_floating_point() else p)
-
-    reference = AveragedModel(net, multi_avg_fn=warmed_up, use_buffers=True)
-    for _ in range(30):
+    reference = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    for step in range(30):
         with torch.no_grad():
             net[0].weight.add_(torch.randn_like(net[0].weight))
             net.train()(torch.randn(2, 3, 5, 5))  # moves the BatchNorm statistics
         ours.update_parameters(net)
         reference.update_parameters(net)
+        if step == 0:  # past the warm-up: (1 + n) / (10 + n) >= 0.9 from n = 81 on
+            ours.n_averaged = 81
     for (key, a), b in zip(ours.module.state_dict().items(), reference.module.state_dict().values()):
-        assert torch.allclose(a.float(), b.float(), atol=1e-6), key
-    assert ours.n_averaged == int(reference.n_averaged) == 30
+        if a.is_floating_point():
+            assert torch.allclose(a, b, atol=1e-5), key
+        else:  # BatchNorm's batch counter is copied, not averaged (torch's fn averages it too)
+            assert a == net.state_dict()[key] == 30, key
+    assert not torch.allclose(ours.module[0].weight, net[0].weight)  # an average, not a copy
 
 
 def test_a_run_name_is_reused_only_by_the_same_run(cifar, tmp_path):
@@ -79,9 +80,13 @@ def test_a_run_name_is_reused_only_by_the_same_run(cifar, tmp_path):
     run_dir = str(tmp_path / config.run_name)
     check_resumable(run_dir, config, cifar)  # a new run: writes run.json
     # Hardware and reporting may change between sessions; training settings may not.
-    check_resumable(run_dir, config.replace(num_workers=2, eval_variants=True), cifar)
+    check_resumable(run_dir, config.replace(cpus_per_worker=1, eval_variants=True), cifar)
     with pytest.raises(UsageError, match=r"other settings \(lr\)"):
         check_resumable(run_dir, config.replace(lr=0.1), cifar)
+    # Nor the worker count: BatchNorm normalises over each worker's local batch. Said why.
+    with pytest.raises(UsageError, match=r"other settings \(num_workers\); BatchNorm normalises "
+                                         r"over each worker's local batch"):
+        check_resumable(run_dir, config.replace(num_workers=2), cifar)
     # A run.json from before a key existed: the missing key counts as its default.
     run_json = tmp_path / config.run_name / "run.json"
     stored = json.loads(run_json.read_text())
@@ -90,3 +95,54 @@ def test_a_run_name_is_reused_only_by_the_same_run(cifar, tmp_path):
     check_resumable(run_dir, config, cifar)
     with pytest.raises(UsageError, match=r"other settings \(cutout\)"):
         check_resumable(run_dir, config.replace(cutout=8), cifar)
+
+
+def test_evaluation_runs_in_the_exported_models_precision():
+    from resnet.loop import EVAL_PRECISION, train_precision
+    config = make_config("fast")
+    # Training may use bf16 autocast on CUDA; val_acc and test_acc are fp32, as the export.
+    assert train_precision(torch.device("cuda"), config) == "bf16"
+    assert train_precision(torch.device("cuda"), config.replace(amp=False)) == "fp32"
+    assert train_precision(torch.device("cpu"), config) == "fp32"
+    assert EVAL_PRECISION == "fp32"
+
+
+def test_optimizers_are_wired_as_configured():
+    model = build_model("tiny")
+    rmsprop = make_optimizer(make_config("keras"), param_groups(model, make_config("keras")))
+    group = rmsprop.param_groups[0]
+    assert isinstance(rmsprop, torch.optim.RMSprop)
+    assert (group["alpha"], group["eps"], group["lr"], group["weight_decay"]) == (0.9, 1e-7, 0.003, 0)
+    adam_config = make_config(optimizer="adam", lr=1e-3, eps=1e-6, weight_decay=1e-4)
+    adam = make_optimizer(adam_config, param_groups(model, adam_config))
+    assert isinstance(adam, torch.optim.Adam)
+    assert (adam.param_groups[0]["eps"], adam.param_groups[0]["weight_decay"]) == (1e-6, 1e-4)
+    sgd = make_optimizer(make_config(momentum=0.0), model.parameters())
+    assert sgd.param_groups[0]["nesterov"] is False  # Nesterov needs momentum
+    assert make_optimizer(make_config(), model.parameters()).param_groups[0]["nesterov"] is True
+
+
+def test_bn_momentum_reaches_every_batchnorm():
+    from resnet.models import set_bn_momentum
+    model = set_bn_momentum(build_model("resnet18"), 0.03)
+    momenta = {m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert momenta == {0.03}
+    x = torch.rand(8, 3, 32, 32)
+    bn = model.stem[1]
+    before = bn.running_mean.clone()
+    model.train()(x)
+    batch_mean = model.stem[0](model.normalize(x)).mean((0, 2, 3))
+    assert torch.allclose(bn.running_mean, 0.97 * before + 0.03 * batch_mean.detach(), atol=1e-5)
+
+
+def test_a_batch_larger_than_the_training_set_is_refused():
+    import numpy as np
+
+    from resnet.data import Splits
+    from resnet.driver import check_batch_fits
+    from resnet.errors import UsageError
+    splits = Splits(("a", "b"), np.zeros((100, 3, 32, 32), np.uint8), np.zeros(100, np.int64),
+                    np.zeros((10, 3, 32, 32), np.uint8), np.zeros(10, np.int64))
+    check_batch_fits(make_config(batch_size=100), splits)
+    with pytest.raises(UsageError, match="--batch-size 128 exceeds the 100 training images"):
+        check_batch_fits(make_config(batch_size=128), splits)
