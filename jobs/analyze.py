@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         from resnet import storage
         from resnet.analysis import open_experiment
         from resnet.report import write_analysis
+        from resnet.results import time_split
         analysis = open_experiment(args.experiment, args.metric)
         out = args.out or storage.join(analysis.exp_dir, "analysis")
         written = write_analysis(analysis, storage.absolute(out), args.top)
@@ -42,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         with pd.option_context("display.width", 200, "display.max_columns", 30,
                                "display.float_format", "{:.4g}".format):
             print(table.to_string(index=False))
+        split = time_split(analysis.table)
+        if split["train_share"] is not None:
+            print(f"trial time: {split['trial_s']:.0f}s, of which {split['train_s']:.0f}s in epochs "
+                  f"({split['train_share']:.0%}) and {split['startup_s']:.0f}s in start-up and "
+                  "reporting")
         if analysis.partial:
             print("partial results: the sweep is still running (or was interrupted)")
         if "confusion.png" not in written["files"]:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from resnet.config import (AUGMENTS, MODELS, OPTIMIZERS, PRESETS, SCHEDULES, TrainConfig,
-                           make_config, parse_milestones)
+from resnet.config import (AUGMENTS, FLIPS, MODELS, OPTIMIZERS, PLACEMENTS, PRESETS,
+                           SCHEDULES, TrainConfig, make_config, parse_milestones)
+from resnet.console import quiet
 from resnet.errors import OneLineParser, UsageError, run_main
+from resnet.replay import read_schedule
 
 D = TrainConfig()  # dataclass defaults, shown in --help; a preset may change them
 
@@ -33,6 +35,8 @@ def build_parser() -> OneLineParser:
 
     opt = p.add_argument_group("model and optimisation")
     opt.add_argument("--preset", choices=list(PRESETS), help="recipe to start from (default: default)")
+    opt.add_argument("--lr-schedule", help="replay a sweep's best/schedule.json: its recipe and "
+                     "its LR (and momentum, weight decay) epoch by epoch; other flags override")
     opt.add_argument("--model", choices=MODELS, help=f"architecture (default {D.model})")
     opt.add_argument("--epochs", type=int, help=f"epochs to train (default {D.epochs})")
     opt.add_argument("--batch-size", type=int, help=f"global batch, split across workers "
@@ -66,6 +70,19 @@ def build_parser() -> OneLineParser:
                        "(fast preset)")
     decay.add_argument("--bn-bias-decay", dest="bn_bias_decay", action="store_const", const=True,
                        help="weight decay on every parameter (default)")
+    opt.add_argument("--bn-lr-scale", type=float, help="LR multiplier for BatchNorm weights "
+                     "and biases and other biases, their weight decay divided by it (default "
+                     f"{D.bn_lr_scale:g})")
+    opt.add_argument("--lookahead-k", type=int, help="Lookahead: sync the slow weights every k "
+                     f"steps, 0 = off (default {D.lookahead_k})")
+    opt.add_argument("--lookahead-alpha", type=float, help="Lookahead: share of the way the slow "
+                     f"weights move (default {D.lookahead_alpha})")
+    opt.add_argument("--flip", choices=FLIPS, help="random: mirror each image with probability "
+                     "1/2 each epoch; alternate: at random once, then on alternate epochs "
+                     f"(default {D.flip})")
+    opt.add_argument("--dirac-init", dest="dirac_init", action="store_const", const=True,
+                     help="resnet20: identity initialisation of the residual branches' convs "
+                     "(default: he_normal, as Keras)")
     opt.add_argument("--ema", type=float, help="per-step decay of an EMA of the weights that is "
                      f"evaluated and exported, 0 = off (default {D.ema}; fast: 0.995)")
     tta = opt.add_mutually_exclusive_group()
@@ -73,6 +90,9 @@ def build_parser() -> OneLineParser:
                      "test-time augmentation in evaluation and in the exported model (fast preset)")
     tta.add_argument("--no-tta", dest="tta", action="store_const", const=False,
                      help="evaluate the image only (default)")
+    opt.add_argument("--tta-shift", type=int, help="with --tta, also the images shifted by "
+                     "this many pixels both ways, each with its mirror (6 passes), 0 = off "
+                     f"(default {D.tta_shift})")
     add_eval_variants_flag(opt)
 
     hw = p.add_argument_group("hardware and run")
@@ -85,16 +105,18 @@ def build_parser() -> OneLineParser:
                     help="turn off bf16 autocast on CUDA")
     hw.add_argument("--no-channels-last", dest="channels_last", action="store_const", const=False,
                     help="keep the contiguous memory format (channels_last is the default)")
+    add_compile_flag(hw)
     hw.add_argument("--max-failures", type=int, help="worker-group restarts from the latest "
                     f"checkpoint before the run fails, -1 = unlimited (default {D.max_failures})")
     hw.add_argument("--storage", help=f"root folder or URI (s3://, gs://) for runs (default {D.storage})")
     hw.add_argument("--name", help="run name, no timestamp, so the same command resumes "
                     "(default: <model>-<preset>-seed<seed>)")
+    add_verbose_flag(hw)
     return p
 
 
 def add_device_flags(group) -> None:
-    """--gpu/--cpu and --gpus-per-worker, shared with jobs.tune."""
+    """--gpu/--cpu, --gpus-per-worker and --placement, shared with jobs.tune."""
     device = group.add_mutually_exclusive_group()
     device.add_argument("--gpu", dest="use_gpu", action="store_const", const=True,
                         help="train on GPUs (default: when the cluster has any)")
@@ -103,6 +125,27 @@ def add_device_flags(group) -> None:
     group.add_argument("--gpus-per-worker", type=float, help="GPUs per worker with --gpu; 0.25 "
                        "packs 4 one-worker runs (trials) on a GPU; a fraction below 1 needs "
                        "--num-workers 1 (default 1)")
+    group.add_argument("--placement", choices=PLACEMENTS, help="where the workers go: pack "
+                       "(fewest nodes: fastest all-reduce), spread (most nodes: one node's loss "
+                       "hits fewer ranks), strict-spread (one worker per node, or wait) "
+                       "(default pack)")
+
+
+def add_verbose_flag(group) -> None:
+    """--verbose, shared with jobs.tune."""
+    group.add_argument("--verbose", action="store_true", help="show all of Ray's own logging "
+                       "on the console too (default: only its errors; all of it is in Ray's "
+                       "session logs); also RESNET_VERBOSE=1")
+
+
+def add_compile_flag(group) -> None:
+    """--compile/--no-compile, shared with jobs.tune."""
+    compiled = group.add_mutually_exclusive_group()
+    compiled.add_argument("--compile", dest="compile", action="store_const", const=True,
+                          help="torch.compile the training model (default off: slower than "
+                          "eager on the CPUs measured; see jobs.bench table 4)")
+    compiled.add_argument("--no-compile", dest="compile", action="store_const", const=False,
+                          help="train the eager model (default)")
 
 
 def add_eval_variants_flag(group) -> None:
@@ -123,14 +166,22 @@ def main(argv: list[str] | None = None) -> int:
     from resnet import timing  # no heavy imports: marks when this job began, for jobs.bench
     timing.mark("main")
     args = vars(build_parser().parse_args(argv))
+    verbose = args.pop("verbose")
+    filters = quiet(verbose) if argv is None else []  # before Ray is imported
 
     def run() -> int:
         from resnet.driver import train_driver_fn  # imports Ray and torch: after parsing
-        config = make_config(**args)
+        schedule = args.pop("lr_schedule")
+        recipe = read_schedule(schedule) if schedule else {}
+        preset = args.pop("preset")
+        config = make_config(preset, **{**recipe, **{k: v for k, v in args.items()
+                                                     if v is not None}})
+        if schedule and not preset:
+            config = config.replace(preset="replay")  # names the run <model>-replay-seed<seed>
         summary = train_driver_fn(config)
         return 0 if summary["epochs_completed"] else 1
 
-    return run_main("jobs.train", run, standalone=argv is None)
+    return run_main("jobs.train", run, standalone=argv is None, filters=filters)
 
 
 if __name__ == "__main__":

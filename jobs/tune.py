@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import sys
 
-from jobs.train import add_device_flags, add_eval_variants_flag
+from jobs.train import (add_compile_flag, add_device_flags, add_eval_variants_flag,
+                        add_verbose_flag)
 from resnet.config import CAM_METHODS, MODELS, OPTIMIZERS
+from resnet.console import quiet
 from resnet.errors import OneLineParser, run_main
 
-SWEEP_KEYS = ("samples", "target", "scheduler", "grace_period", "max_concurrent", "space",
-              "keras_trial", "gradcam_images", "gradcam_method", "resume")
+SWEEP_KEYS = ("samples", "target", "scheduler", "search", "grace_period",
+              "perturbation_interval", "max_concurrent", "space", "keras_trial",
+              "gradcam_images", "gradcam_method", "resume")
 
 
 def build_parser() -> OneLineParser:
@@ -28,10 +31,16 @@ def build_parser() -> OneLineParser:
                    "combinations (GPU 16; CPU 1 x the 3 schedule families)")
     g.add_argument("--epochs", type=int, help="epochs per trial, the schedule's length (GPU 50, CPU 3)")
     g.add_argument("--target", type=float, help="val_acc the sweep aims to pass (default 0.88)")
-    g.add_argument("--scheduler", choices=("asha", "fifo"),
-                   help="asha stops weak trials early, fifo runs all to the end (default asha)")
+    g.add_argument("--scheduler", choices=("asha", "fifo", "pbt"),
+                   help="asha stops weak trials early, fifo runs all to the end, pbt (Population "
+                   "Based Training) lets weak trials clone strong ones and perturbs their LR "
+                   "(default asha)")
+    g.add_argument("--search", choices=("random", "optuna"), help="random (and grid) sampling, "
+                   "or Optuna's TPE proposing each trial from the results so far (default random)")
     g.add_argument("--grace-period", type=int, help="ASHA: epochs every trial runs before it may "
                    "be stopped (default: a fifth of --epochs, at least 1)")
+    g.add_argument("--perturbation-interval", type=int, help="PBT: epochs between exploits "
+                   "(default: a tenth of --epochs, at least 1)")
     g.add_argument("--max-concurrent", type=int, help="trials at a time (default: as many as the "
                    "cluster's CPUs or GPUs hold)")
     g.add_argument("--space", help="YAML or JSON file laid over the default search space "
@@ -64,13 +73,17 @@ def build_parser() -> OneLineParser:
     add_device_flags(h)
     h.add_argument("--cpus-per-worker", type=int, help="CPUs (and torch threads) per worker "
                    "(default: CPU 1, GPU the CPUs per GPU times --gpus-per-worker)")
+    add_compile_flag(h)
     h.add_argument("--storage", help="root folder or URI for sweeps (default results)")
     h.add_argument("--name", help="sweep name, no timestamp (default tune-<model>-<profile>-seed<seed>)")
+    add_verbose_flag(h)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
+    verbose = args.pop("verbose")
+    filters = quiet(verbose) if argv is None else []  # before Ray is imported
 
     def run() -> int:
         from resnet.sweep import make_sweep  # imports Ray and torch: after parsing
@@ -81,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     return run_main("jobs.tune", run, resume_hint="run the same command with --resume to "
-                    "continue from the latest checkpoints", standalone=argv is None)
+                    "continue from the latest checkpoints", standalone=argv is None,
+                    filters=filters)
 
 
 if __name__ == "__main__":

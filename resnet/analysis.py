@@ -13,23 +13,17 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-import matplotlib
-import matplotlib.ticker
+import numpy as np
+import pandas as pd
+from ray import tune
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from ray import tune  # noqa: E402
-
-from resnet import storage  # noqa: E402
-from resnet.config import TARGET_ACC, TrainConfig  # noqa: E402
-from resnet.errors import UsageError  # noqa: E402
-from resnet.results import SweepResults, collect_results, per_trial  # noqa: E402
-from resnet.sweep import SWEEP_FILE  # noqa: E402
+from resnet import storage
+from resnet.config import TARGET_ACC, TrainConfig
+from resnet.errors import UsageError
+from resnet.results import SweepResults, collect_results, per_trial
+from resnet.sweep import SWEEP_FILE
 
 UNFINISHED = ("running", "pending", "paused")
-PLOTS = ("curves.png", "lr.png", "confusion.png")
 
 
 @dataclass
@@ -98,55 +92,6 @@ def best_trial(path: str, metric: str = "val_acc") -> pd.DataFrame:
     return open_experiment(path, metric).table.head(1)
 
 
-# -- plots ---------------------------------------------------------------------------------------
-
-def plot_per_epoch(analysis: Analysis, column: str, title: str, target: float | None = None,
-                   log: bool = False) -> bytes:
-    """``column`` against epoch for every trial; the winner drawn thick and labelled."""
-    winner = analysis.winner
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-    for trial_id, rows in analysis.results.trials.groupby("trial_id", sort=True):
-        rows = rows[rows[column].notna()]
-        if rows.empty:
-            continue
-        best = winner is not None and trial_id == winner["trial"]
-        ax.plot(rows["epoch"].astype(int), rows[column].astype(float), marker="o", markersize=3,
-                linewidth=2.8 if best else 1.0, alpha=1.0 if best else 0.45, zorder=3 if best else 2,
-                color="tab:red" if best else None,
-                label=f"winner {trial_id}" if best else None)
-    if target is not None:
-        ax.axhline(target, color="black", linestyle="--", linewidth=1, label=f"target {target:g}")
-    ax.set(xlabel="epoch", ylabel=column, title=title)
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    if log:  # LRs span decades (a diverging trial's can be huge); zeros are left out
-        ax.set_yscale("log", nonpositive="mask")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best")
-    return _png(fig)
-
-
-def plot_confusion(matrix: np.ndarray, classes: list[str], title: str) -> bytes:
-    """Rows: true class, columns: predicted; colour is the share of the row, text the count."""
-    share = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(8, 7), dpi=110)
-    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    for i, j in np.ndindex(matrix.shape):
-        ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=8,
-                color="white" if share[i, j] > 0.5 else "black")
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
-    ax.set(xlabel="predicted", ylabel="true", title=title)
-    fig.tight_layout()
-    return _png(fig)
-
-
-def _png(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", bbox_inches="tight")
-    plt.close(fig)
-    return buffer.getvalue()
-
-
 def winner_confusion(analysis: Analysis) -> tuple[bytes | None, str]:
     """The winner's confusion matrix on the held-out split (test when the source has one,
     else validation); (None, reason) when its checkpoint or data cannot be read."""
@@ -179,4 +124,5 @@ def winner_confusion(analysis: Analysis) -> tuple[bytes | None, str]:
     accuracy = float(np.trace(matrix) / max(matrix.sum(), 1))
     title = (f"trial {best['trial_id']} epoch {best['epoch']}: {held_out} split, "
              f"{len(y)} images, accuracy {accuracy:.4f}")
+    from resnet.plots import plot_confusion
     return plot_confusion(matrix, classes, title), title

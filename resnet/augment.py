@@ -30,8 +30,11 @@ class EpochPlan:
         return EpochPlan(*(t.to(device) for t in (self.order, self.shift, self.flip, self.cutout)))
 
 
-def plan_epoch(n: int, seed: int, epoch: int, mode: str, size: int = 32) -> EpochPlan:
-    """Draw the epoch's order and per-sample augmentation parameters from (seed, epoch)."""
+def plan_epoch(n: int, seed: int, epoch: int, mode: str, size: int = 32,
+               flip: str = "random") -> EpochPlan:
+    """Draw the epoch's order and per-sample augmentation parameters from (seed, epoch).
+    ``flip="alternate"``: each image's flip is drawn once (from the seed) and inverted on odd
+    epochs, so over two epochs every image is seen both ways."""
     rng = np.random.default_rng([seed, epoch, 1])  # stream 0 is the data split's
     order = rng.permutation(n)
     if mode == "crop":  # integer offsets of a 32 x 32 window in the 40 x 40 padded image
@@ -40,9 +43,11 @@ def plan_epoch(n: int, seed: int, epoch: int, mode: str, size: int = 32) -> Epoc
         shift = (rng.uniform(-KERAS_SHIFT, KERAS_SHIFT, size=(n, 2)) * size).astype(np.float32)
     else:
         shift = np.zeros((n, 2), np.float32)
-    flip = rng.random(n) < 0.5 if mode != "none" else np.zeros(n, bool)
+    flips = rng.random(n) < 0.5 if mode != "none" else np.zeros(n, bool)
+    if flip == "alternate" and mode != "none":
+        flips = (np.random.default_rng([seed, 0, 2]).random(n) < 0.5) ^ bool(epoch % 2)
     cutout = rng.integers(0, size, size=(n, 2))
-    return EpochPlan(torch.from_numpy(order), torch.from_numpy(shift), torch.from_numpy(flip),
+    return EpochPlan(torch.from_numpy(order), torch.from_numpy(shift), torch.from_numpy(flips),
                      torch.from_numpy(cutout))
 
 

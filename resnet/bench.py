@@ -1,21 +1,17 @@
-"""Benchmarks: where a training step's time goes, as ratios measured side by side in one run.
+"""Benchmarks: where training time goes, as ratios of two sides measured alike in one run.
 
-1. step throughput: the project's whole path (Ray Train worker, DDP, on-device data and
-   augmentation, schedule, reporting) against a bare PyTorch loop in the same kind of process;
+1. the project's training step and whole epoch against a bare PyTorch loop (``resnet/steps.py``),
+   with a breakdown of what each extra costs per step;
 2. data feeding: batched on-device augmentation against torchvision transforms + DataLoader;
-3. start-up of ``python -m jobs.train`` (see ``resnet/timing.py``), cold and warm cache;
-4. memory layout and precision;
+3. start-up of ``python -m jobs.train``, cold and warm cache, against a no-op TorchTrainer
+   (``resnet/startup.py``);
+4. memory layout, precision and ``torch.compile`` (compile seconds, cold and warm cache);
 5. two 1-CPU workers against one 2-CPU worker on this machine.
 """
 
 from __future__ import annotations
 
-import io
 import os
-import signal
-import subprocess
-import sys
-import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
@@ -24,16 +20,16 @@ from typing import Any, Callable
 import numpy as np
 import ray
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
 from resnet.augment import augment, plan_epoch
 from resnet.checkpoint import load_state
 from resnet.config import make_config
-from resnet.data import Splits, load_dataset, load_splits
-from resnet.driver import connect_ray, make_trainer
-from resnet.models import build_model
-from resnet.timing import read_marks
+from resnet.data import Splits, load_splits
+from resnet.cluster import connect_ray
+from resnet.driver import make_trainer
+from resnet.loop import prepare_device
+from resnet.startup import bench_startup
+from resnet.steps import VAL_SHARE, bare_step, compare_task, interleaved, repeat, sync
 
 NOT_MEASURED = "not measured: no GPU"
 
@@ -43,100 +39,66 @@ class BenchConfig:
     data: str | None = None
     models: tuple[str, ...] = ("resnet20", "resnet18")
     batch_size: int = 256
-    steps: int = 20  # timed training steps per measurement (after warm-up)
+    steps: int = 20  # steps per timed block, and per bench epoch (resnet18 on a CPU: a fifth)
+    rounds: int = 3  # interleaved timed rounds per side (medians)
     feed_images: int = 10240  # images pushed through each data-feeding path
     smoke: bool = False
 
     @classmethod
     def smoke_sized(cls, data: str | None) -> "BenchConfig":
-        """Tiny sizes: every table, in about a minute (CI keeps the code working)."""
-        return cls(data=data, models=("resnet20",), batch_size=32, steps=3, feed_images=512,
-                   smoke=True)
+        """Tiny sizes: every table, to check that the benchmark works (CI runs it)."""
+        return cls(data=data, models=("resnet20",), batch_size=32, steps=2, rounds=1,
+                   feed_images=512, smoke=True)
+
+    def steps_for(self, model: str, device: torch.device) -> int:
+        # resnet18 trains at about 1/30 of resnet20's speed on a CPU: fewer steps per block.
+        return max(2, self.steps // 5) if model == "resnet18" and device.type == "cpu" \
+            else self.steps
 
 
-# -- 1 and 5: the project's path through Ray Train, and the bare loop ------------------------
+def devices(cpus: int) -> tuple[torch.device, int]:
+    """The device a training worker gets here, and the GPUs to ask Ray for."""
+    return (torch.device("cuda"), 1) if torch.cuda.is_available() else (torch.device("cpu"), 0)
+
+
+# -- 1: the project's step and epoch against the bare loop -------------------------------------
+
+def bench_steps(bench: BenchConfig, cpus: int) -> tuple[list[dict], list[dict]]:
+    """Table 1 and its breakdown, per model, in a Ray worker with every CPU (or one GPU)."""
+    device, gpus = devices(cpus)
+    rows, parts = [], []
+    for model in bench.models:
+        steps = bench.steps_for(model, device)
+        train = bench.batch_size * steps  # one bench epoch: `steps` global batches
+        _, splits = load_splits(bench.data, max(10, round(train * VAL_SHARE)), train, 0)
+        config = make_config("fast", model=model, batch_size=bench.batch_size,
+                             use_gpu=bool(gpus), cpus_per_worker=cpus)
+        out = ray.get(compare_task.options(num_cpus=cpus, num_gpus=gpus).remote(
+            config.to_dict(), splits, steps, bench.rounds, cpus))
+        rows += out["rows"]
+        parts += out["breakdown"]
+    return rows, parts
+
+
+# -- 5: workers on one machine, through Ray Train --------------------------------------------
 
 def project_samples_per_s(bench: BenchConfig, splits_ref, model: str, num_workers: int,
-                          cpus_per_worker: int, use_gpu: bool, storage_dir: str, name: str) -> float:
-    """samples/s of epoch 2 (epoch 1 warms up) of a real ``train_fn_per_worker`` run."""
-    config = make_config(model=model, epochs=2, batch_size=bench.batch_size, num_workers=num_workers,
-                         cpus_per_worker=cpus_per_worker, use_gpu=use_gpu, storage=storage_dir,
-                         name=name, max_failures=0)
+                          cpus_per_worker: int, storage_dir: str, name: str) -> float:
+    """samples/s of epoch 2 (epoch 1 warms up) of a real Ray Train run of the fast preset."""
+    config = make_config("fast", model=model, epochs=2, batch_size=bench.batch_size,
+                         num_workers=num_workers, cpus_per_worker=cpus_per_worker,
+                         use_gpu=False, storage=storage_dir, name=name, max_failures=0)
     result = make_trainer(config, splits_ref, config.run_name, storage_dir).fit()
     return float(load_state(result.checkpoint)["history"][-1]["samples_per_s"])
 
 
-@ray.remote
-def bare_samples_per_s(model_name: str, batch_size: int, steps: int, threads: int,
-                       channels_last: bool = False, bf16: bool = False,
-                       compile_model: bool = False) -> float:
-    """A bare PyTorch loop in a Ray worker: one fixed batch on the device, forward, loss,
-    backward, SGD step; samples/s over ``steps`` steps after 3 warm-up steps."""
-    torch.set_num_threads(threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return loop_samples_per_s(model_name, batch_size, steps, device, channels_last, bf16,
-                              compile_model)
-
-
-def loop_samples_per_s(model_name: str, batch_size: int, steps: int, device: torch.device,
-                       channels_last: bool = False, bf16: bool = False,
-                       compile_model: bool = False) -> float:
-    torch.manual_seed(0)
-    model = build_model(model_name).to(device).train()
-    x = torch.rand(batch_size, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (batch_size,), device=device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-    run = torch.compile(model) if compile_model else model
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = F.cross_entropy(run(x).float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    for _ in range(3):
-        step()
-    sync(device)
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    return batch_size * steps / (time.perf_counter() - started)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def bench_steps(bench: BenchConfig, splits_ref, cpus: int, storage_dir: str) -> list[dict]:
-    """Table 1: project path / bare loop, per model, 1 worker with every CPU (or one GPU)."""
-    rows = []
-    gpus = 1 if torch.cuda.is_available() else 0
-    for model in bench.models:
-        project = project_samples_per_s(bench, splits_ref, model, 1, cpus, bool(gpus),
-                                        storage_dir, f"steps-{model}")
-        # The bare loop uses the project's defaults too: channels_last, and bf16 on CUDA.
-        bare = ray.get(bare_samples_per_s.options(num_cpus=cpus, num_gpus=gpus).remote(
-            model, bench.batch_size, bench.steps * 2, cpus, channels_last=True, bf16=bool(gpus)))
-        rows.append({"model": model, "batch": bench.batch_size, "project_samples_per_s": project,
-                     "bare_samples_per_s": bare, "ratio": project / bare, "target": ">= 0.95"})
-    return rows
-
-
-def bench_workers(bench: BenchConfig, splits_ref, storage_dir: str,
-                  one: float | None = None) -> list[dict]:
-    """Table 5: aggregate samples/s of 2 workers x 1 CPU against 1 worker x 2 CPUs. ``one``:
-    table 1's figure when that was the same run (a 2-CPU machine without GPU)."""
+def bench_workers(bench: BenchConfig, storage_dir: str) -> list[dict]:
+    """Table 5: aggregate samples/s of 2 workers x 1 CPU against 1 worker x 2 CPUs."""
     model = bench.models[0]
-    if one is None:
-        one = project_samples_per_s(bench, splits_ref, model, 1, 2, False, storage_dir,
-                                    "workers-1x2")
-    two = project_samples_per_s(bench, splits_ref, model, 2, 1, False, storage_dir, "workers-2x1")
+    _, splits = load_splits(bench.data, 500, bench.batch_size * (bench.steps + 1), 0)
+    splits_ref = ray.put(splits)
+    one = project_samples_per_s(bench, splits_ref, model, 1, 2, storage_dir, "workers-1x2")
+    two = project_samples_per_s(bench, splits_ref, model, 2, 1, storage_dir, "workers-2x1")
     return [{"model": model, "global_batch": bench.batch_size, "1_worker_x_2_cpus": one,
              "2_workers_x_1_cpu": two, "ratio": two / one, "target": ">= 0.9"}]
 
@@ -205,121 +167,63 @@ def bench_feeding(bench: BenchConfig, splits: Splits) -> list[dict]:
     return rows
 
 
-# -- 3: start-up -------------------------------------------------------------------------------
+# -- 4: memory layout, precision, torch.compile ------------------------------------------------
 
-STARTUP_PHASES = (  # (column, from mark, to mark); marks from resnet/timing.py
-    ("interpreter_s", "launch", "main"),  # Python start-up and argument parsing
-    ("imports_s", "main", "data_start"),  # torch, Ray and the project
-    ("data_load_s", "data_start", "data_done"),
-    ("ray_start_s", "ray_start", "ray_ready"),
-    ("worker_group_start_s", "fit_start", "worker_start"),
-    ("worker_setup_s", "worker_start", "first_step"),  # data to the device, model, first step
-    ("to_first_step_s", "launch", "first_step"),
-)
+@ray.remote(max_calls=1)  # a fresh process per call: compiled code cached in memory dies with it
+def layout_task(model: str, batch: int, steps: int, rounds: int, threads: int,
+                compile_cache: str) -> list[dict]:
+    """The bare loop: channels_last against contiguous; bf16 against fp32 (CUDA); compiled
+    against eager, with the seconds the first compiled step took beyond a normal step."""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = compile_cache  # a later call finds it warm
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    prepare_device(device, threads)
+    cuda = device.type == "cuda"
+    precision = "bf16" if cuda else "fp32"
+    items = batch * steps
 
+    def pair(name: str, baseline: Callable, variant: Callable) -> dict:
+        rates = interleaved({"variant": repeat(variant, steps), "baseline": repeat(baseline, steps)},
+                            items, rounds, warmup=1, device=device)
+        return {"model": model, "comparison": name, "baseline_samples_per_s": rates["baseline"],
+                "variant_samples_per_s": rates["variant"],
+                "ratio": rates["variant"] / rates["baseline"]}
 
-def small_source(data: str | None, workdir: str, per_class: int = 120) -> str:
-    """The first ``per_class`` images of each class of ``data`` as a PNG tree in a .tar: a real
-    source that decodes in a second, so the smoke run's cold start-up row stays cheap."""
-    dataset = load_dataset(data)
-    path = os.path.join(workdir, "small-source.tar")
-    with tarfile.open(path, "w") as tar:
-        for label, name in enumerate(dataset.classes):
-            for i in np.flatnonzero(dataset.train_y == label)[:per_class]:
-                png = io.BytesIO()
-                Image.fromarray(dataset.train_x[i].transpose(1, 2, 0)).save(png, format="PNG")
-                member = tarfile.TarInfo(f"train/{name}/{i:05d}.png")
-                member.size = png.tell()
-                png.seek(0)
-                tar.addfile(member, png)
-    return path
-
-
-def bench_startup(bench: BenchConfig, workdir: str) -> list[dict]:
-    """Table 3: launch ``python -m jobs.train`` twice: cold cache (fresh cache folder), warm.
-    The smoke run starts from a small source (see ``small_source``)."""
-    cache = os.path.join(workdir, "cache")
-    data = small_source(bench.data, workdir) if bench.smoke else bench.data
-    rows = []
-    for run in ("cold cache", "warm cache"):
-        marks_file = os.path.join(workdir, f"marks-{run.split()[0]}.jsonl")
-        args = [sys.executable, "-m", "jobs.train", "--epochs", "1", "--subset", "512",
-                "--val-size", "500", "--batch-size", "64", "--num-workers", "1",
-                "--storage", os.path.join(workdir, "runs"), "--name", f"startup-{run.split()[0]}"]
-        if data:
-            args += ["--data", data]
-        env = {**os.environ, "RESNET_CACHE_DIR": cache, "RESNET_TIMINGS": marks_file}
-        env.pop("RAY_ADDRESS", None)  # its own embedded Ray, as `make run` starts it
-        launched = time.time()
-        marks = launch_until_first_step(args, env, marks_file)
-        marks["launch"] = launched
-        rows.append({"run": run, **{name: marks[end] - marks[start]
-                                    for name, start, end in STARTUP_PHASES}})
-    return rows
+    rows = [pair("channels_last / contiguous (fp32)", bare_step(model, batch, device, False),
+                 bare_step(model, batch, device, True))]
+    if cuda:
+        rows.append(pair("bf16 autocast / fp32 (channels_last)",
+                         bare_step(model, batch, device), bare_step(model, batch, device,
+                                                                    precision="bf16")))
+    else:
+        rows.append({"model": model, "comparison": "bf16 autocast / fp32 (channels_last)",
+                     "baseline_samples_per_s": NOT_MEASURED, "variant_samples_per_s": NOT_MEASURED,
+                     "ratio": NOT_MEASURED})
+    eager = bare_step(model, batch, device, precision=precision)
+    compiled = bare_step(model, batch, device, precision=precision, compile_model=True)
+    sync(device)
+    started = time.perf_counter()
+    compiled()  # compiles (forward and backward) on the first call
+    sync(device)
+    first_s = time.perf_counter() - started
+    row = pair(f"torch.compile / eager (channels_last, {precision})", eager, compiled)
+    row["compile_s"] = first_s - batch / row["variant_samples_per_s"]  # beyond a normal step
+    return rows + [row]
 
 
-def launch_until_first_step(args: list[str], env: dict[str, str], marks_file: str,
-                            timeout: float = 900) -> dict[str, float]:
-    """Run jobs.train until its first training step is marked, then Ctrl-C it (what comes
-    after is not start-up); returns its marks."""
-    with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True)
-        deadline = time.monotonic() + timeout
-        try:
-            while proc.poll() is None and time.monotonic() < deadline:
-                if first_step_marked(marks_file):
-                    proc.send_signal(signal.SIGINT)  # stops cleanly (exit 130)
-                    break
-                time.sleep(0.1)
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-        finally:
-            proc.kill()
-        err.seek(0)
-        marks = read_marks(marks_file) if os.path.exists(marks_file) else {}
-        if "first_step" not in marks:
-            raise RuntimeError(f"jobs.train ended ({proc.returncode}) before its first step: "
-                               f"{err.read()[-2000:]}")
-    return marks
-
-
-def first_step_marked(marks_file: str) -> bool:
-    try:
-        return "first_step" in read_marks(marks_file)
-    except (OSError, ValueError):  # not written yet, or a line being appended
-        return False
-
-
-# -- 4: memory layout and precision ------------------------------------------------------------
-
-def bench_layout(bench: BenchConfig, cpus: int) -> list[dict]:
-    """Bare loop in a Ray worker: channels_last vs contiguous; on CUDA also bf16 and compile."""
-    cuda = torch.cuda.is_available()
-    gpus = 1 if cuda else 0
-
-    def measure(**kw) -> float:
-        return ray.get(bare_samples_per_s.options(num_cpus=cpus, num_gpus=gpus).remote(
-            model, bench.batch_size, bench.steps * 2, cpus, **kw))
-
+def bench_layout(bench: BenchConfig, cpus: int, workdir: str) -> list[dict]:
+    """Table 4, per model; compile seconds with a cold Inductor cache, then again (a second
+    fresh process, as a second trial on the node) with the cache the first one left."""
+    _, gpus = devices(cpus)
     rows = []
     for model in bench.models:
-        base = measure()
-        cl = measure(channels_last=True)
-        rows.append({"model": model, "comparison": "channels_last / contiguous (fp32)",
-                     "baseline_samples_per_s": base, "variant_samples_per_s": cl,
-                     "ratio": cl / base})
-        for comparison, kw in (("bf16 autocast / fp32 (channels_last)", {"bf16": True}),
-                               ("torch.compile / eager (channels_last, bf16)",
-                                {"bf16": True, "compile_model": True})):
-            if not cuda:
-                rows.append({"model": model, "comparison": comparison,
-                             "baseline_samples_per_s": NOT_MEASURED,
-                             "variant_samples_per_s": NOT_MEASURED, "ratio": NOT_MEASURED})
-                continue
-            baseline = measure(channels_last=True, bf16=kw.get("compile_model", False))
-            variant = measure(channels_last=True, **kw)
-            rows.append({"model": model, "comparison": comparison,
-                         "baseline_samples_per_s": baseline, "variant_samples_per_s": variant,
-                         "ratio": variant / baseline})
+        steps = bench.steps_for(model, devices(cpus)[0])
+        cache = os.path.join(workdir, f"inductor-{model}")
+        first = ray.get(layout_task.options(num_cpus=cpus, num_gpus=gpus).remote(
+            model, bench.batch_size, steps, bench.rounds, cpus, cache))
+        again = ray.get(layout_task.options(num_cpus=cpus, num_gpus=gpus).remote(
+            model, bench.batch_size, 1, 1, cpus, cache))
+        first[-1]["compile_s_warm_cache"] = again[-1]["compile_s"]
+        rows += first
     return rows
 
 
@@ -338,21 +242,19 @@ def run_bench(bench: BenchConfig, on_table: Callable[[str, list[dict]], None] | 
             on_table(title, rows)
 
     # Start-up first, before this process starts its own Ray: jobs.train starts an embedded one.
-    done("3. start-up of jobs.train (seconds)", bench_startup(bench, workdir))
-    _, splits = load_splits(bench.data, 500, bench.batch_size * (bench.steps + 1), 0)
+    done("3. start-up to the first step (seconds)", bench_startup(bench.data, workdir, bench.smoke))
     connect_ray()
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    splits_ref = ray.put(splits)
-    storage_dir = os.path.join(workdir, "runs")
-    steps = bench_steps(bench, splits_ref, cpus, storage_dir)
-    done("1. training step throughput (samples/s)", steps)
+    rows, parts = bench_steps(bench, cpus)
+    done("1. training step and whole epoch against a bare loop (samples/s)", rows)
+    done("1b. what each extra costs per training step", parts)
     done("2. data feeding (images/s)", bench_feeding(
         bench, load_splits(bench.data, 500, min(bench.feed_images, 40000), 0)[1]))
-    done("4. layout and precision (samples/s, bare loop)", bench_layout(bench, cpus))
-    if cpus >= 2:
-        same_run = cpus == 2 and not torch.cuda.is_available()  # table 1 ran 1 worker x 2 CPUs
-        done("5. workers on one machine (samples/s, aggregate)", bench_workers(
-            bench, splits_ref, storage_dir, steps[0]["project_samples_per_s"] if same_run else None))
+    done("4. layout, precision and torch.compile (samples/s, bare loop)",
+         bench_layout(bench, cpus, workdir))
+    if cpus >= 2 and not torch.cuda.is_available():
+        done("5. workers on one machine (samples/s, aggregate)",
+             bench_workers(bench, os.path.join(workdir, "runs")))
     return {"tables": dict(sorted(tables.items())), "cpus": cpus, "device": device_name(cpus)}
 
 
@@ -362,6 +264,6 @@ def device_name(cpus: int) -> str:
 
 def print_table(title: str, rows: list[dict]) -> None:
     import pandas as pd
-    with pd.option_context("display.width", 200, "display.max_columns", 20,
+    with pd.option_context("display.width", 220, "display.max_columns", 20,
                            "display.float_format", "{:.3g}".format):
         print(f"\n{title}\n{pd.DataFrame(rows).to_string(index=False)}", flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,16 @@ def load_state(checkpoint, map_location: str | torch.device = "cpu") -> dict[str
     return state
 
 
+def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """A short SHA-256 of a state dict's tensors (names, values; layout-independent): equal
+    digests mean the same weights, e.g. a PBT clone starting from its donor's checkpoint."""
+    digest = hashlib.sha256()
+    for name, tensor in state_dict.items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu").contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def model_from_state(state: dict[str, Any]) -> nn.Module:
     """Rebuild the model a checkpoint was trained as, with its weights, in eval mode."""
     name = state["config"]["model"]
@@ -62,7 +73,8 @@ def model_from_state(state: dict[str, Any]) -> nn.Module:
 def inference_model(state: dict[str, Any]) -> nn.Module:
     """The model as evaluated in training: with flip TTA when the run used it."""
     model = model_from_state(state)
-    return FlipTTA(model).eval() if state["config"].get("tta") else model
+    config = state["config"]
+    return FlipTTA(model, config.get("tta_shift", 0)).eval() if config.get("tta") else model
 
 
 def export_model(model: nn.Module) -> bytes:

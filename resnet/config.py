@@ -14,6 +14,8 @@ MODELS = ("resnet20", "resnet18", "tiny")
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
 SCHEDULES = ("onecycle", "cosine", "step")
 AUGMENTS = ("crop", "keras", "none")
+FLIPS = ("random", "alternate")
+PLACEMENTS = ("pack", "spread", "strict-spread")
 # The grad-cam package's methods offered by --gradcam-method / --method (resnet/gradcam.py).
 CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam",
                "eigengradcam", "elementwise", "scorecam", "ablationcam")
@@ -26,6 +28,9 @@ class TrainConfig:
 
     # Model and data.
     model: str = "resnet20"
+    # resnet20 only: identity (dirac) initialisation of the residual branches' convolutions
+    # instead of he_normal; the layers are unchanged.
+    dirac_init: bool = False
     data: str | None = None  # a data source; None: $CIFAR10_DATA, else torchvision's download
     val_size: int = 5000  # images carved from train for validation (stratified)
     subset: int | None = None  # train on a stratified subset of this many images (smoke runs)
@@ -43,6 +48,13 @@ class TrainConfig:
     eps: float = 1e-8  # Adam/RMSprop epsilon
     weight_decay: float = 5e-4  # optimizer weight decay (added to the gradient)
     bn_bias_decay: bool = True  # False: no weight decay on BatchNorm weights and biases
+    # LR multiplier for the 1-D parameters (BatchNorm weights and biases, biases); their weight
+    # decay is divided by it, so the decay per step stays (airbench trains BN biases at 64x).
+    bn_lr_scale: float = 1.0
+    # Lookahead (Zhang et al. 2019) over the optimizer: every k steps the slow weights move
+    # alpha of the way to the fast ones, and the fast weights restart from them; 0 turns it off.
+    lookahead_k: int = 0
+    lookahead_alpha: float = 0.5
     l2: float = 0.0  # Keras-style L2 penalty on conv kernels, added to the loss
     label_smoothing: float = 0.1
     schedule: str = "onecycle"
@@ -50,24 +62,40 @@ class TrainConfig:
     final_lr_ratio: float = 0.0  # last LR as a fraction of the peak (onecycle, cosine)
     # step schedule: (1-based epoch, factor) pairs; from that epoch on the LR is multiplied.
     milestones: tuple[tuple[int, float], ...] = ()
+    # A replayed schedule (jobs.train --lr-schedule, from a sweep's best/schedule.json): per
+    # epoch (peak LR, momentum, weight decay), the schedule's shape scaled by each epoch's peak;
+    # epochs past the list keep its last entry. Empty: the LR above, the whole run.
+    lr_by_epoch: tuple[tuple[float, float, float], ...] = ()
     # Augmentation, drawn per epoch from (seed, epoch).
     augment: str = "crop"  # crop: 4-pixel pad + crop + flip; keras: 0.1 shifts, nearest fill + flip
     cutout: int = 0  # side of the cutout square in pixels; 0 turns it off
+    # random: each image mirrored with probability 1/2 every epoch; alternate: at random in the
+    # first epoch, then on alternate epochs (airbench), so every image is seen both ways.
+    flip: str = "random"
     # Evaluation. ema: per-step decay of an exponential moving average of the weights (and BN
     # statistics) that is evaluated, checkpointed as the model and exported; 0 turns it off.
     ema: float = 0.0
     tta: bool = False  # flip test-time augmentation: mean logits of the image and its mirror
+    # With tta: also the images shifted by this many pixels both ways (reflect padding), each
+    # with its mirror: 6 passes instead of 2, inside the exported model too; 0 turns it off.
+    tta_shift: int = 0
     # Also report val_acc with each evaluation trick off (raw weights, no TTA): EMA and TTA only
     # change evaluation, so one run measures both. Costs up to 4 more passes over val per epoch.
     eval_variants: bool = False
     # Hardware.
     num_workers: int = 1
+    # Where the workers go (Ray Train's placement strategy): pack (as few nodes as possible),
+    # spread (as many as possible), strict-spread (every worker on its own node, or wait).
+    placement: str = "pack"
     use_gpu: bool | None = None  # None: use GPUs when the cluster has any
     # GPUs per worker; a fraction packs several 1-worker runs (Tune trials) onto one GPU.
     gpus_per_worker: float = 1.0
     cpus_per_worker: int | None = None  # None: share the machine's CPUs between the workers
     amp: bool = True  # bf16 autocast on CUDA (no effect on CPU)
     channels_last: bool = True  # channels_last memory format (faster on CUDA and on CPU)
+    # torch.compile the training model. Off by default: on this project's 2-core CPU it is
+    # slower than eager (jobs.bench table 4); on a GPU `jobs.bench --gpu-check` measures it.
+    compile: bool = False
     max_failures: int = 1  # worker-group restarts from the latest checkpoint before giving up
     # Where the run lives: <storage>/<name>/.
     storage: str = "results"
@@ -85,12 +113,16 @@ class TrainConfig:
         values = dict(values)
         if values.get("milestones") is not None:
             values["milestones"] = tuple((int(e), float(f)) for e, f in values["milestones"])
+        if values.get("lr_by_epoch") is not None:
+            values["lr_by_epoch"] = tuple(tuple(float(v) for v in row)
+                                          for row in values["lr_by_epoch"])
         return cls(**values).validated()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (tuples become lists); round-trips through from_dict."""
         out = dataclasses.asdict(self)
         out["milestones"] = [list(m) for m in self.milestones]
+        out["lr_by_epoch"] = [list(m) for m in self.lr_by_epoch]
         return out
 
     def replace(self, **changes: Any) -> "TrainConfig":
@@ -106,6 +138,18 @@ class TrainConfig:
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("augment", self.augment, AUGMENTS)
+        _check_choice("flip", self.flip, FLIPS)
+        _check_choice("placement", self.placement, PLACEMENTS)
+        _check(self.bn_lr_scale > 0 and math.isfinite(self.bn_lr_scale),
+               f"--bn-lr-scale must be positive, got {self.bn_lr_scale}")
+        _check(self.lookahead_k >= 0, f"--lookahead-k must be >= 0, got {self.lookahead_k}")
+        _check(0 < self.lookahead_alpha <= 1,
+               f"--lookahead-alpha must be in (0, 1], got {self.lookahead_alpha}")
+        _check(0 <= self.tta_shift <= 8, f"--tta-shift must be 0-8 pixels, got {self.tta_shift}")
+        _check(not self.tta_shift or self.tta, "--tta-shift needs --tta (it adds shifted "
+               "copies to the flip test-time augmentation)")
+        _check(not self.dirac_init or self.model == "resnet20",
+               f"--dirac-init is for resnet20's residual branches, not {self.model}")
         _check(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
         _check(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
         _check(self.num_workers >= 1, f"--num-workers must be at least 1, got {self.num_workers}")
@@ -128,6 +172,10 @@ class TrainConfig:
                f"--final-lr-ratio must be in [0, 1], got {self.final_lr_ratio}")
         _check(self.schedule != "step" or bool(self.milestones),
                "--schedule step needs --milestones, for example 10:0.5,20:0.5")
+        for peak, momentum, decay in self.lr_by_epoch:
+            _check(peak > 0 and momentum >= 0 and decay >= 0,
+                   f"--lr-schedule: epoch values (lr {peak}, momentum {momentum}, weight decay "
+                   f"{decay}) must be positive")
         for epoch, factor in self.milestones:
             _check(epoch >= 1 and factor > 0,
                    f"milestone {epoch}:{factor} must have an epoch >= 1 and a factor > 0")

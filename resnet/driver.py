@@ -11,6 +11,7 @@ import json
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pandas as pd
@@ -20,108 +21,26 @@ import ray
 import ray.train
 import torch
 from ray.train.torch import TorchTrainer
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from resnet import storage, timing
 from resnet.checkpoint import export_model, inference_model, load_state
+from resnet.cluster import check_shared_storage, connect_ray, ray_cluster, resolve_hardware
 from resnet.config import TARGET_ACC, TrainConfig
-from resnet.data import Dataset, Splits, load_splits
+from resnet.data import Dataset, Splits, make_splits, open_dataset
 from resnet.errors import TrainingFailed, UsageError
+from resnet.loop import EVAL_PRECISION, evaluate, train_precision
 from resnet.models import trainable_param_count
 from resnet.provenance import provenance
-from resnet.loop import EVAL_PRECISION, evaluate, train_precision
 from resnet.train import train_fn_per_worker
 
 # Keys that may change between a run and its resumption: where and on what it runs. Not
 # num_workers: BatchNorm normalises over each worker's local batch, so it changes training.
-NON_IDENTITY_KEYS = {"use_gpu", "gpus_per_worker", "cpus_per_worker", "amp", "channels_last",
-                     "storage", "name", "data", "max_failures", "eval_variants"}
+NON_IDENTITY_KEYS = {"use_gpu", "gpus_per_worker", "cpus_per_worker", "placement", "amp",
+                     "channels_last", "compile", "storage", "name", "data", "max_failures",
+                     "eval_variants"}
 # Why a changed identity key cannot change, where it is not obvious.
 WHY_IDENTITY = {"num_workers": "BatchNorm normalises over each worker's local batch, so the "
                                "worker count changes what is trained"}
-
-
-def connect_ray() -> bool:
-    """Join the cluster in RAY_ADDRESS (as under ``ray job submit``), else start an embedded
-    local Ray on loopback. Returns True when the Ray is embedded."""
-    if ray.is_initialized():
-        return not os.environ.get("RAY_ADDRESS")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return False
-    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
-             runtime_env={"worker_process_setup_hook": "resnet.driver.pin_ray_address"})
-    return True
-
-
-def ray_cluster(embedded: bool) -> dict[str, Any]:
-    """Which Ray a run used, for its summary: an embedded one or a cluster (its GCS address)."""
-    nodes = [n for n in ray.nodes() if n["Alive"]]
-    return {"embedded": embedded, "gcs_address": ray.get_runtime_context().gcs_address,
-            "nodes": len(nodes), "node_ips": sorted({n["NodeManagerAddress"] for n in nodes})}
-
-
-def pin_ray_address() -> None:
-    """Runs in every worker of the embedded Ray: names this cluster in RAY_ADDRESS.
-
-    Ray Train's PlacementGroupCleaner asks the state API whether a trial's controller is alive,
-    and the state API finds "the" local cluster by address; with a second Ray on the machine it
-    fails, and an early-stopped trial's placement group would hold its CPUs for good.
-    """
-    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-
-
-@ray.remote(num_cpus=0)
-def _sees(path: str) -> bool:
-    return storage.read_bytes(path) is not None
-
-
-def check_shared_storage(root: str) -> None:
-    """Every node must reach --storage: write a marker from here, read it on each alive node.
-
-    A local path works on one machine only; across nodes it takes s3://, gs:// or an NFS mount.
-    """
-    marker = storage.join(root, f".storage-check-{uuid.uuid4().hex}")
-    try:
-        storage.write_bytes(marker, b"ok")
-    except OSError as exc:
-        raise UsageError(f"--storage {root} is not writable from the driver ({exc}); pick "
-                         "another --storage") from None
-    try:
-        nodes = [n for n in ray.nodes() if n["Alive"]]
-        seen = ray.get([_sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-            n["NodeID"], soft=False)).remote(marker) for n in nodes])
-    finally:
-        storage.delete(marker)
-    blind = [n["NodeManagerAddress"] for n, ok in zip(nodes, seen) if not ok]
-    if blind:
-        raise UsageError(f"--storage {root} is not visible from node(s) {', '.join(blind)}; "
-                         "on a cluster of several nodes use shared storage: s3://BUCKET/PATH, "
-                         "gs://BUCKET/PATH or a path on an NFS mount every node has")
-
-
-def resolve_hardware(config: TrainConfig, embedded: bool, total: dict | None = None,
-                     node_cpus: float | None = None) -> TrainConfig:
-    """Fill in GPU use and CPUs per worker from the cluster (``total``: Ray's
-    ``cluster_resources()``; ``node_cpus``: the CPUs of its largest node); refuse what the
-    local Ray can't fit."""
-    total = ray.cluster_resources() if total is None else total
-    if node_cpus is None:
-        node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]),
-                        default=1)
-    use_gpu = config.use_gpu if config.use_gpu is not None else total.get("GPU", 0) > 0
-    cpus = config.cpus_per_worker or max(1, int(node_cpus) // config.num_workers)
-    if embedded:  # a real cluster may autoscale; the local one will not
-        needed = config.num_workers * config.gpus_per_worker
-        if use_gpu and total.get("GPU", 0) < needed:
-            raise UsageError(f"--gpu with {config.num_workers} worker(s) x "
-                             f"{config.gpus_per_worker:g} GPU needs {needed:g} GPUs; this machine "
-                             f"has {int(total.get('GPU', 0))} (use --cpu or fewer workers)")
-        if cpus * config.num_workers > total.get("CPU", 0):
-            raise UsageError(f"{config.num_workers} worker(s) x {cpus} CPU(s) do not fit the "
-                             f"{int(total.get('CPU', 0))} CPUs of this machine; lower "
-                             "--num-workers or --cpus-per-worker")
-    return config.replace(use_gpu=use_gpu, cpus_per_worker=cpus)
 
 
 def check_resumable(run_dir: str, config: TrainConfig, dataset: Dataset) -> None:
@@ -173,17 +92,24 @@ def device_of(config: TrainConfig) -> torch.device:
 
 
 def make_trainer(config: TrainConfig, data_ref: ray.ObjectRef, name: str, storage_path: str,
-                 callbacks: list | None = None, log_prefix: str = "") -> TorchTrainer:
+                 callbacks: list | None = None, trial_id: str | None = None,
+                 start_from: str | None = None) -> TorchTrainer:
     """The ``TorchTrainer`` of one run: ``config.num_workers`` DDP workers running
-    ``train_fn_per_worker``, keeping the best checkpoint by val_acc plus the latest."""
+    ``train_fn_per_worker``, keeping the best checkpoint by val_acc plus the latest. A new run
+    may start from ``start_from``, another run's checkpoint (path or URI), at its epoch and step
+    (Ray Train V2 refuses ``resume_from_checkpoint``: the worker loads it, as Ray advises)."""
     resources = {"CPU": config.cpus_per_worker,
                  **({"GPU": config.gpus_per_worker} if config.use_gpu else {})}
     return TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"config": config.to_dict(), "data": data_ref, "log_prefix": log_prefix},
-        scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers,
-                                               use_gpu=config.use_gpu,
-                                               resources_per_worker=resources),
+        train_loop_config={"config": config.to_dict(), "data": data_ref, "trial_id": trial_id,
+                           "log_prefix": f"[{trial_id}] " if trial_id else "",
+                           "compile_cache": compile_cache(storage_path),
+                           "start_from": start_from},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.num_workers, use_gpu=config.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=config.placement.upper().replace("-", "_")),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path, callbacks=callbacks,
             # num_to_keep=1 with a score keeps the best by val_acc; Ray always keeps the latest too.
@@ -193,6 +119,15 @@ def make_trainer(config: TrainConfig, data_ref: ray.ObjectRef, name: str, storag
             # Ray Train's own INFO lines would drown the one-line-per-epoch log.
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )
+
+
+def compile_cache(storage_root: str) -> str | None:
+    """Where torch.compile (Inductor) keeps its cache: $TORCHINDUCTOR_CACHE_DIR when set, else
+    beside the runs under a local storage root, so a node's later runs and trials reuse it
+    (None for a URI: each node then uses Inductor's default)."""
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    return None if storage.is_uri(storage_root) else storage.join(storage_root, ".inductor-cache")
 
 
 def export_best(checkpoint: ray.train.Checkpoint, config: TrainConfig, splits: Splits,
@@ -208,15 +143,24 @@ def train_driver_fn(config: TrainConfig) -> dict[str, Any]:
     """Run one training run end to end and return its summary."""
     started = time.time()
     timing.mark("data_start")
-    dataset, splits = load_splits(config.data, config.val_size, config.subset, config.seed)
+    cached, load = open_dataset(config.data)
+    with ThreadPoolExecutor(1) as background:
+        # A source in the Parquet cache is read while Ray starts; one to decode is decoded
+        # first, so that bad input fails before Ray is up.
+        loading = background.submit(load) if cached else None
+        dataset = load() if loading is None else None
+        if loading is None:
+            splits = checked_splits(config, dataset)
+        timing.mark("ray_start")
+        embedded = connect_ray()
+        timing.mark("ray_ready")
+        if loading is not None:
+            dataset = loading.result()
+            splits = checked_splits(config, dataset)
     timing.mark("data_done")
     print(f"data: {dataset.source.path} ({dataset.source.kind}, "
           f"{'Parquet cache' if dataset.from_cache else 'decoded'} in {dataset.load_s:.1f}s); "
           f"split {splits.sizes()}", flush=True)
-    check_batch_fits(config, splits)
-    timing.mark("ray_start")
-    embedded = connect_ray()
-    timing.mark("ray_ready")
     config = resolve_hardware(config, embedded)
     storage_root = storage.absolute(config.storage)
     if not embedded:  # a cluster: every node must reach the storage
@@ -253,6 +197,12 @@ def train_driver_fn(config: TrainConfig) -> dict[str, Any]:
                         json.dumps(summary, indent=2).encode())
     print_summary(summary)
     return summary
+
+
+def checked_splits(config: TrainConfig, dataset: Dataset) -> Splits:
+    splits = make_splits(dataset, config.val_size, config.subset, config.seed)
+    check_batch_fits(config, splits)
+    return splits
 
 
 def storage_problem(run_dir: str) -> str | None:

@@ -37,12 +37,21 @@ RESUME_HINT = "run the same command again to resume from the latest checkpoint"
 
 
 def run_main(prog: str, fn: Callable[[], int | None], resume_hint: str = RESUME_HINT,
-             standalone: bool = False) -> int:
+             standalone: bool = False, filters: list | None = None) -> int:
     """Run a job's main function; map expected failures to one line and an exit code.
     ``resume_hint``: how to continue after Ctrl-C (SIGINT). ``standalone``: this process is the
     job (``python -m``, not a call from Python), so its Ray is stopped before the line is
-    printed: Ray's processes log as they stop, and the line must come last."""
+    printed: Ray's processes log as they stop, and the line must come last. ``filters``: the
+    console's (resnet/console.py), to say how much of Ray's logging they kept off the screen."""
+    def note() -> None:
+        if filters:
+            from resnet.console import hidden_note
+            line = hidden_note(filters)
+            if line:
+                print(line, file=sys.stderr, flush=True)
+
     def fail(line: str, code: int) -> int:
+        note()
         ray = sys.modules.get("ray")
         if standalone and ray is not None and ray.is_initialized():
             ray.shutdown()
@@ -50,7 +59,9 @@ def run_main(prog: str, fn: Callable[[], int | None], resume_hint: str = RESUME_
         return code
 
     try:
-        return fn() or 0
+        code = fn() or 0
+        note()
+        return code
     except UsageError as exc:
         return fail(f"{prog}: error: {cause(exc)}", EXIT_USAGE)
     except TrainingFailed as exc:

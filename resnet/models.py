@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from resnet.errors import UsageError
@@ -162,11 +163,26 @@ _BUILDERS = {"resnet20": ResNet20, "resnet18": ResNet18, "tiny": TinyNet}
 _LAST_STAGE = {ResNet20: "stage3", ResNet18: "layer4", TinyNet: "features"}
 
 
-def build_model(name: str, num_classes: int = 10) -> nn.Module:
+def build_model(name: str, num_classes: int = 10, dirac_init: bool = False) -> nn.Module:
     """Build a model by name; an unknown name is a usage error listing the known ones."""
     if name not in _BUILDERS:
         raise UsageError(f"unknown model {name!r}; known models: {', '.join(_BUILDERS)}")
-    return _BUILDERS[name](num_classes)
+    model = _BUILDERS[name](num_classes)
+    if dirac_init:
+        init_residual_identity(model)
+    return model
+
+
+@torch.no_grad()
+def init_residual_identity(model: nn.Module) -> None:
+    """Dirac (identity) initialisation of every residual branch's two 3x3 convolutions, as
+    airbench initialises its convolutions: the first C_in filters of each pass their input
+    channel through (a strided conv: subsampled), the rest keep their he_normal draw. Biases
+    stay zero. An initialisation only: layers and parameter counts are unchanged."""
+    for block in model.modules():
+        if isinstance(block, KerasBlock):
+            for conv in (block.conv1, block.conv2):
+                nn.init.dirac_(conv.weight[:conv.in_channels])
 
 
 def last_stage(model: nn.Module) -> nn.Module:
@@ -175,17 +191,28 @@ def last_stage(model: nn.Module) -> nn.Module:
 
 
 class FlipTTA(nn.Module):
-    """Flip test-time augmentation: the mean of the logits of the image and its mirror image.
+    """Flip test-time augmentation: the mean of the logits of the image and its mirror image;
+    with ``shift``, averaged half and half with the same for the image shifted by ``shift``
+    pixels down-right and up-left (reflect padding), as airbench's translate TTA.
 
     Part of the exported model, so the exported file gives the evaluated accuracy as it is.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, shift: int = 0) -> None:
         super().__init__()
         self.model = model
+        self.shift = shift
+
+    def flipped(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.model(x) + self.model(torch.flip(x, dims=[3]))) / 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # N x 3 x H x W -> N x classes
-        return (self.model(x) + self.model(torch.flip(x, dims=[3]))) / 2
+        if not self.shift:
+            return self.flipped(x)
+        s, (h, w) = self.shift, x.shape[-2:]
+        padded = F.pad(x, (s, s, s, s), mode="reflect")  # N x 3 x (H + 2s) x (W + 2s)
+        shifted = (self.flipped(padded[..., :h, :w]) + self.flipped(padded[..., 2 * s:, 2 * s:])) / 2
+        return (self.flipped(x) + shifted) / 2
 
 
 def set_bn_momentum(model: nn.Module, momentum: float) -> nn.Module:

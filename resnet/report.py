@@ -12,7 +12,8 @@ from typing import Any
 import pandas as pd
 
 from resnet import storage
-from resnet.analysis import Analysis, plot_per_epoch, winner_confusion
+from resnet.analysis import Analysis, winner_confusion
+from resnet.plots import plot_lineage, plot_lr_paths, plot_per_epoch
 from resnet.config import TARGET_ACC
 from resnet.provenance import provenance
 from resnet.results import write_parquet
@@ -28,13 +29,17 @@ def write_analysis(analysis: Analysis, out_dir: str, top: int | None = None) -> 
     """Write every file under ``out_dir``; returns {file name: path} and notes for the console."""
     sweep = analysis.settings["sweep"]
     target = sweep.get("target", TARGET_ACC)
+    trials, configs = analysis.results.trials, analysis.results.configs
+    winner = analysis.winner["trial"] if analysis.winner is not None else None
     images: dict[str, bytes] = {
-        "curves.png": plot_per_epoch(analysis, analysis.metric,
+        "curves.png": plot_per_epoch(trials, winner, analysis.metric,
                                      f"{analysis.metric} per epoch, {len(analysis.table)} trials",
                                      target if analysis.metric == "val_acc" else None),
-        "lr.png": plot_per_epoch(analysis, "lr", "learning rate at the end of each epoch "
-                                 "(log scale)", log=True),
+        "lr.png": plot_lr_paths(trials, configs, winner),
     }
+    lineage = plot_lineage(trials, winner)
+    if lineage is not None:  # a PBT sweep that cloned
+        images["lineage.png"] = lineage
     confusion, caption = winner_confusion(analysis)
     notes = {"confusion.png": caption}
     if confusion is not None:
@@ -84,7 +89,9 @@ def render_html(analysis: Analysis, images: dict[str, bytes], notes: dict[str, s
     parts.append(f"<h2>Trials{f' (top {top})' if top else ''}</h2>")
     parts.append(_table_html(table, winner))
     captions = {"curves.png": f"{analysis.metric} per epoch; the winner in red",
-                "lr.png": "learning rate each trial used (reported at the end of each epoch)",
+                "lr.png": "learning rate of each trial at every step it ran (recomputed from "
+                          "its config and the peak LR of each epoch)",
+                "lineage.png": "PBT lineage: which trial cloned which, at which epoch",
                 "confusion.png": f"confusion matrix of the winner: {notes.get('confusion.png', '')}"}
     for file, data in images.items():
         parts.append(f"<h2>{_e(captions[file])}</h2>{_img(data, file)}")

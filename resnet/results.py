@@ -22,8 +22,9 @@ from resnet.space import RECIPE_KEY, TUNABLE, trial_config
 
 TRAIN_RUNS = "train_runs"  # <sweep>/train_runs/<trial id>/: each trial's Ray Train run
 METRICS = ("epoch", "lr", "loss", "acc", "val_loss", "val_acc", "epoch_s", "samples_per_s",
-           "step", "diverged", "world_size", "node_ids", "node_ips", "pids", "checkpoint_path",
-           "time_total_s")
+           "step", "diverged", "world_size", "node_ids", "node_ips", "pids", "rendezvous", "gpu_mem_mb",
+           "start_weights", "lr_peak", "momentum", "weight_decay", "trained_by", "cloned_from",
+           "cloned_at_epoch", "checkpoint_path", "time_total_s")
 TABLE_KEYS = ("schedule", "lr", "batch_size", "weight_decay", "label_smoothing", "warmup_frac",
               "final_lr_ratio")
 
@@ -181,6 +182,10 @@ def per_trial(trials: pd.DataFrame, target: float, configs: dict[str, TrainConfi
             "first_at_target": first[trial_id],
             "epochs": int(scored["epoch"].max()) if len(scored) else 0,
             "wall_s": round(wall, 1),
+            # Of the wall time Tune measured, the epochs' own (training and evaluation); the rest
+            # is the trial's start-up (Ray Train's workers, data to the device) and reporting.
+            "train_s": round(train_seconds(group), 1),
+            "startup_s": round(max(0.0, wall - train_seconds(group)), 1),
             # Reserved, not measured use: wall time x the trial's workers x their share.
             "cpu_s": round(wall * workers * ((config.cpus_per_worker or 1) if config else 1), 1),
             "gpu_s": round(wall * workers * config.gpus_per_worker, 1)
@@ -201,6 +206,22 @@ def per_trial(trials: pd.DataFrame, target: float, configs: dict[str, TrainConfi
     table = table.sort_values(f"best_{metric}", ascending=lower, na_position="last", kind="stable")
     return table.sort_values("status", key=lambda s: s == "diverged",
                              kind="stable").reset_index(drop=True)
+
+
+def train_seconds(rows: pd.DataFrame) -> float:
+    """Seconds of the epochs that Tune timed (rows with a time_total_s): training and evaluation."""
+    if "epoch_s" not in rows or "time_total_s" not in rows:
+        return 0.0
+    timed = rows[pd.to_numeric(rows["time_total_s"], errors="coerce").notna()]
+    return float(pd.to_numeric(timed["epoch_s"], errors="coerce").fillna(0).sum())
+
+
+def time_split(table: pd.DataFrame) -> dict[str, float]:
+    """The whole sweep's trial-seconds: in epochs, in start-up and reporting, and the share."""
+    train, wall = float(table["train_s"].sum()), float(table["wall_s"].sum())
+    return {"trial_s": round(wall, 1), "train_s": round(train, 1),
+            "startup_s": round(max(0.0, wall - train), 1),
+            "train_share": round(train / wall, 3) if wall else None}
 
 
 def metric_mode(metric: str) -> str:

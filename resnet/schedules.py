@@ -58,8 +58,20 @@ def step_decay(step: int, *, steps_per_epoch: int, base_lr: float,
     return lr
 
 
+def replayed(step: int, *, shape: Schedule, steps_per_epoch: int,
+             peaks: Sequence[float]) -> float:
+    """A recorded schedule: the family's shape (its LR at peak 1) times the peak of the step's
+    epoch (epochs past the record keep its last peak). Every family is linear in its peak."""
+    return peaks[min(step // steps_per_epoch, len(peaks) - 1)] * shape(step)
+
+
 def make_schedule(config: TrainConfig, steps_per_epoch: int) -> Schedule:
-    """The schedule named by ``config.schedule``, bound to this run's step counts."""
+    """The schedule named by ``config.schedule``, bound to this run's step counts (and, with
+    ``lr_by_epoch``, scaled epoch by epoch as recorded)."""
+    if config.lr_by_epoch:
+        shape = make_schedule(config.replace(lr=1.0, lr_by_epoch=()), steps_per_epoch)
+        return functools.partial(replayed, shape=shape, steps_per_epoch=steps_per_epoch,
+                                 peaks=[peak for peak, _, _ in config.lr_by_epoch])
     total_steps = config.epochs * steps_per_epoch
     if config.schedule == "step":
         return functools.partial(step_decay, steps_per_epoch=steps_per_epoch,

@@ -25,7 +25,8 @@ from resnet.errors import UsageError
 # What a sweep may vary: optimisation and augmentation, never data, hardware or storage.
 TUNABLE = ("schedule", "lr", "warmup_frac", "final_lr_ratio", "weight_decay", "label_smoothing",
            "batch_size", "momentum", "cutout", "augment", "optimizer", "bn_momentum", "ema", "tta",
-           "bn_bias_decay")
+           "bn_bias_decay", "bn_lr_scale", "lookahead_k", "lookahead_alpha", "flip", "tta_shift",
+           "dirac_init")
 # grid: every value, each combined with every other grid key (x --samples); the rest are sampled.
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 
@@ -60,7 +61,7 @@ def load_space(path: str | None, optimizer: str, profile: str = "gpu",
     ranges resolved."""
     space = {**DEFAULT_SPACE, **PROFILE_SPACE.get(profile, {})}
     if path:
-        space.update(_read_space_file(path))
+        space.update(read_space_file(path))
     resolved = {}
     for key, spec in space.items():
         if key not in TUNABLE:
@@ -69,7 +70,7 @@ def load_space(path: str | None, optimizer: str, profile: str = "gpu",
     return resolved
 
 
-def _read_space_file(path: str) -> dict[str, Any]:
+def read_space_file(path: str) -> dict[str, Any]:
     file = Path(path)
     try:
         text = file.read_text()
@@ -133,7 +134,7 @@ def _check_value(key: str, value: Any, context: Mapping[str, Any] | None = None)
         overrides = {**(context or {}), key: value}
         if key == "schedule" and value == "step":
             overrides["milestones"] = ((2, 0.1),)
-        make_config(**overrides)
+        make_config("fast", **overrides)  # the preset every searched trial starts from
     except (UsageError, TypeError) as exc:
         raise UsageError(f"--space: {key}={value!r} is impossible ({exc})") from None
 
@@ -173,7 +174,8 @@ def keras_point(space: dict[str, Any], base: TrainConfig) -> dict[str, Any]:
 def keras_config(base: TrainConfig) -> TrainConfig:
     """The keras preset, with the sweep's data, epochs, hardware and storage."""
     keep = ("data", "val_size", "subset", "seed", "epochs", "eval_variants", "num_workers",
-            "use_gpu", "gpus_per_worker", "cpus_per_worker", "amp", "channels_last",
+            "use_gpu", "gpus_per_worker", "cpus_per_worker", "placement", "amp", "channels_last",
+            "compile",
             "max_failures", "storage", "name")
     return make_config("keras", **{key: getattr(base, key) for key in keep})
 

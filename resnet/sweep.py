@@ -17,16 +17,18 @@ import ray
 
 from resnet import storage
 from resnet.config import TARGET_ACC, TrainConfig, make_config
-from resnet.driver import connect_ray
+from resnet.cluster import connect_ray
 from resnet.errors import UsageError
-from resnet.space import PROFILE_SPACE, keras_config, load_space
+from resnet.search import SCHEDULERS, SEARCHERS, check_search
+from resnet.space import PROFILE_SPACE, keras_config, load_space, read_space_file
 
 SWEEP_PRESET = "fast"  # every searched trial starts from the fast recipe: the search's centre
 SWEEP_FILE = "sweep.json"  # the settings a sweep started with (jobs.analyze and --resume read it)
 # What a resumed sweep may take from today's flags: where and on what it runs, and what is done
 # after it. Everything else (epochs, space, data, scheduler, ...) must equal what it started with.
-RESUME_MAY_CHANGE = {"use_gpu", "gpus_per_worker", "cpus_per_worker", "amp", "channels_last",
-                     "data", "max_failures", "eval_variants", "storage", "name",
+RESUME_MAY_CHANGE = {"use_gpu", "gpus_per_worker", "cpus_per_worker", "placement", "amp",
+                     "channels_last",
+                     "compile", "data", "max_failures", "eval_variants", "storage", "name",
                      "max_concurrent", "gradcam_images", "gradcam_method"}
 
 
@@ -37,8 +39,10 @@ class SweepConfig:
     base: TrainConfig
     samples: int
     target: float = TARGET_ACC
-    scheduler: str = "asha"
+    scheduler: str = "asha"  # asha, fifo or pbt
+    search: str = "random"  # random (and grid) or optuna
     grace_period: int | None = None  # ASHA: epochs every trial runs before it may be stopped
+    perturbation_interval: int | None = None  # PBT: epochs between exploits (default: a tenth)
     max_concurrent: int | None = None  # None: as many as the cluster's resources hold
     space: str | None = None
     keras_trial: bool = False
@@ -52,10 +56,18 @@ class SweepConfig:
         """ASHA's grace period: a fifth of the epochs (at least 1) unless given."""
         return self.grace_period or max(1, self.base.epochs // 5)
 
+    @property
+    def interval(self) -> int:
+        """PBT's perturbation interval: a tenth of the epochs (at least 1) unless given."""
+        return self.perturbation_interval or max(1, self.base.epochs // 10)
+
     def validated(self) -> "SweepConfig":
         checks = [(self.samples >= 1, f"--samples must be at least 1, got {self.samples}"),
                   (0 < self.target <= 1, f"--target must be in (0, 1], got {self.target}"),
-                  (self.scheduler in ("asha", "fifo"), f"unknown --scheduler {self.scheduler!r}"),
+                  (self.scheduler in SCHEDULERS, f"unknown --scheduler {self.scheduler!r}"),
+                  (self.search in SEARCHERS, f"unknown --search {self.search!r}"),
+                  (self.perturbation_interval is None or self.perturbation_interval >= 1,
+                   "--perturbation-interval must be at least 1 epoch"),
                   (self.grace_period is None or 1 <= self.grace_period <= self.base.epochs,
                    f"--grace-period must be between 1 and --epochs {self.base.epochs}"),
                   (self.max_concurrent is None or self.max_concurrent >= 1,
@@ -66,6 +78,7 @@ class SweepConfig:
                 raise UsageError(message)
         if self.keras_trial:  # the Keras recipe's batch of 32 must split over the workers too
             keras_config(self.base)
+        check_search(self.scheduler, self.search, self.keras_trial, {})  # the space's: later
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -109,9 +122,13 @@ def make_sweep(train_flags: dict[str, Any], sweep_flags: dict[str, Any],
     make_config(SWEEP_PRESET, **given)  # bad flags fail here, before Ray starts
     if sweep_flags.get("resume"):
         return resume_sweep(train_flags, sweep_flags)
-    if sweep_flags.get("space"):
-        load_space(sweep_flags["space"], given.get("optimizer", "sgd"), "cpu",
-                   given.get("num_workers", 1))
+    scheduler, search = sweep_flags.get("scheduler") or "asha", sweep_flags.get("search") or "random"
+    check_search(scheduler, search, bool(sweep_flags.get("keras_trial")), {})  # before Ray
+    if sweep_flags.get("space"):  # a bad file or combination fails before Ray starts
+        space = load_space(sweep_flags["space"], given.get("optimizer", "sgd"), "cpu",
+                           given.get("num_workers", 1))
+        check_search(scheduler, search, bool(sweep_flags.get("keras_trial")), space,
+                     read_space_file(sweep_flags["space"]))
     if resources is None:
         connect_ray()
         resources = ray.cluster_resources()
@@ -126,6 +143,9 @@ def make_sweep(train_flags: dict[str, Any], sweep_flags: dict[str, Any],
                                           train.get("seed", 0)))
     sweep = {**{k: v for k, v in chosen.items() if k in ("samples", "keras_trial")},
              **{k: v for k, v in sweep_flags.items() if v is not None}}
+    if "keras_trial" in chosen and (sweep.get("scheduler") == "pbt"
+                                    or sweep.get("search") == "optuna"):
+        sweep["keras_trial"] = False  # a fixed trial of another recipe: for random search only
     if chosen:
         filled = ", ".join(f"{k}={v}" for k, v in chosen.items())
         space = "; ".join(f"{k} {json.dumps(v)}" for k, v in PROFILE_SPACE[profile].items())

@@ -20,14 +20,14 @@ from typing import Any
 import ray
 import ray.train
 import ray.train.torch
-import torch
 import torch.distributed as dist
 
 from resnet import timing
 from resnet.checkpoint import load_state, save_state
 from resnet.config import TrainConfig
 from resnet.data import Splits
-from resnet.loop import build_loop, load_state_dict, state_dict, train_epoch, validate
+from resnet.loop import (build_loop, epoch_hyperparameters, load_state_dict, prepare_device,
+                         state_dict, train_epoch, validate)
 
 # Through logging, not print: Ray Train forwards worker log records to the driver's console.
 log = logging.getLogger("resnet.train")
@@ -46,10 +46,13 @@ def placement(rank: int, world: int) -> list[dict[str, Any]]:
 
 
 def placement_columns(ranks: list[dict[str, Any]]) -> dict[str, Any]:
-    """Flat columns for the epoch rows (Tune and Parquet keep scalars): rank order, comma-joined."""
+    """Flat columns for the epoch rows (Tune and Parquet keep scalars): rank order, comma-joined;
+    with 2+ ranks also where torch.distributed's rendezvous store listens (rank 0)."""
+    rendezvous = f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}"
     return {"world_size": len(ranks), "node_ids": ",".join(r["node_id"] for r in ranks),
             "node_ips": ",".join(r["ip"] for r in ranks),
-            "pids": ",".join(str(r["pid"]) for r in ranks)}
+            "pids": ",".join(str(r["pid"]) for r in ranks),
+            "rendezvous": rendezvous if len(ranks) > 1 else ""}
 
 
 def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
@@ -64,17 +67,18 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     where = placement_columns(placement(rank, world))
-    if device.type == "cpu" and config.cpus_per_worker:
-        # Intra-op threads must match the CPUs Ray gave this worker, or workers oversubscribe.
-        torch.set_num_threads(config.cpus_per_worker)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed 32 x 32 inputs: pick the fastest kernels
+    prepare_device(device, config.cpus_per_worker)
+    if config.compile and loop_config.get("compile_cache"):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = loop_config["compile_cache"]
     # prepare_model moves the model to the device, and wraps it in DDP when world > 1.
     loop = build_loop(config, splits, device, rank, world, wrap=ray.train.torch.prepare_model)
 
     start_epoch, best_acc, best_epoch, history = 0, -math.inf, 0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:  # a restarted worker group or a re-run: continue at the saved epoch and step
+    # This run's own latest checkpoint (a restarted worker group or a re-run), else the one it
+    # was told to start from (a PBT clone starts from its donor's): continue at its epoch, step.
+    checkpoint = ray.train.get_checkpoint() or (
+        ray.train.Checkpoint(loop_config["start_from"]) if loop_config.get("start_from") else None)
+    if checkpoint:
         state = load_state(checkpoint, map_location=device)
         load_state_dict(loop, state)
         start_epoch = state["epoch"]
@@ -95,8 +99,13 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, config.epochs):
         started = time.perf_counter()
         trained = train_epoch(loop, epoch, first_step)
+        lr_peak, momentum, decay = epoch_hyperparameters(config, epoch)
         metrics = {"epoch": epoch + 1, **trained, **validate(loop),
-                   "epoch_s": time.perf_counter() - started, "step": loop.step, **where}
+                   "epoch_s": time.perf_counter() - started, "step": loop.step, **where,
+                   # What the epoch ran with, and who trained it (a PBT clone carries its
+                   # donor's earlier epochs in its history).
+                   "lr_peak": lr_peak, "momentum": momentum, "weight_decay": decay,
+                   "trained_by": loop_config.get("trial_id")}
         history.append(metrics)
         previous_best = best_acc
         # Ties go to the later epoch, as Ray Train's checkpoint manager keeps the latest of

@@ -16,41 +16,27 @@ from typing import Any
 
 import ray
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from resnet import storage
 from resnet.config import TrainConfig
 from resnet.data import Splits, load_splits
-from resnet.driver import (check_batch_fits, check_shared_storage, connect_ray, export_best,
-                           make_trainer, ray_cluster)
+from resnet.cluster import check_shared_storage, connect_ray, ray_cluster
+from resnet.driver import check_batch_fits, export_best
 from resnet.errors import TrainingFailed, UsageError
 from resnet.gradcam import gradcam_task
+from resnet.checkpoint import load_state
 from resnet.provenance import provenance
-from resnet.results import TRAIN_RUNS, SweepResults, collect_results, print_table, write_parquet
-from resnet.space import grid_size, keras_point, largest, load_space, to_tune, trial_config
+from resnet.replay import schedule_document
+from resnet.results import (TRAIN_RUNS, SweepResults, collect_results, per_trial, print_table,
+                            time_split, write_parquet)
+from resnet.search import (check_search, make_scheduler, make_searcher, param_space,
+                           trials_planned)
+from resnet.space import keras_point, largest, load_space, read_space_file
 from resnet.sweep import SWEEP_FILE, SweepConfig, plan_resources
+from resnet.trial import train_trial
 
 TRIAL_DRIVER_MEMORY = 256 * 2**20  # bytes reserved by each trial's driver process
 UNFINISHED = ("running", "pending", "paused")  # trial statuses after an interrupted fit()
-
-
-def train_trial(params: dict[str, Any], base: dict[str, Any], data: dict[str, Any],
-                train_storage: str) -> None:
-    """One Tune trial: a Ray Train run named after the trial id, reporting to Tune each epoch.
-
-    ``data["ref"]`` is the ObjectRef of the splits, put once by the sweep's driver.
-    """
-    config = trial_config(TrainConfig.from_dict(base), params)
-    trial_id = tune.get_context().get_trial_id()
-    # Ray Train gives up on a worker group that waits 60 s for resources; a trial may wait
-    # longer while an early-stopped trial's workers are released (or the cluster scales up).
-    # Ray propagates this variable from here to the trial's Train controller.
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
-    trainer = make_trainer(config, data["ref"], trial_id, train_storage,
-                           callbacks=[TuneReportCallback()], log_prefix=f"[{trial_id}] ")
-    trainer.fit()
 
 
 def run_sweep(sweep: SweepConfig) -> dict[str, Any]:
@@ -58,6 +44,8 @@ def run_sweep(sweep: SweepConfig) -> dict[str, Any]:
     started = time.time()
     base = sweep.base
     space = load_space(sweep.space, base.optimizer, sweep.profile, base.num_workers)
+    check_search(sweep.scheduler, sweep.search, sweep.keras_trial, space,
+                 read_space_file(sweep.space) if sweep.space else None)
     dataset, splits = load_splits(base.data, base.val_size, base.subset, base.seed)
     print(f"data: {dataset.source.path} ({dataset.source.kind}, "
           f"{'Parquet cache' if dataset.from_cache else 'decoded'} in {dataset.load_s:.1f}s); "
@@ -73,13 +61,13 @@ def run_sweep(sweep: SweepConfig) -> dict[str, Any]:
     exp_dir = storage.join(root, name)
     if sweep.resume:
         check_same_data(exp_dir, dataset.key)
-    trials = sweep.samples * grid_size(space) + sweep.keras_trial
-    print(f"sweep {name}: {trials} trial(s) x {base.epochs} epochs of {base.model}, "
-          f"{base.num_workers} worker(s) x {base.cpus_per_worker} CPU"
-          f"{f' + {base.gpus_per_worker:g} GPU' if base.use_gpu else ''} per trial, up to "
-          f"{concurrent} at a time, {sweep.scheduler.upper()}"
-          f"{f' (grace period {sweep.grace} epochs)' if sweep.scheduler == 'asha' else ''}; "
-          f"writing to {exp_dir}", flush=True)
+    how = {"asha": f"ASHA (grace period {sweep.grace} epochs)", "fifo": "FIFO",
+           "pbt": f"PBT (perturbation every {sweep.interval} epochs)"}[sweep.scheduler]
+    print(f"sweep {name}: {trials_planned(sweep.samples, space, sweep.keras_trial, sweep.search)} trial(s) x "
+          f"{base.epochs} epochs of {base.model}, {base.num_workers} worker(s) x "
+          f"{base.cpus_per_worker} CPU{f' + {base.gpus_per_worker:g} GPU' if base.use_gpu else ''}"
+          f" per trial, up to {concurrent} at a time, {sweep.search} search, {how}; writing to "
+          f"{exp_dir}", flush=True)
 
     trainable = tune.with_parameters(
         train_trial, base=base.to_dict(), data={"ref": ray.put(splits)},
@@ -116,7 +104,22 @@ def run_sweep(sweep: SweepConfig) -> dict[str, Any]:
     summary["wall_s"] = round(time.time() - started, 1)
     storage.write_bytes(storage.join(exp_dir, "summary.json"), json.dumps(summary, indent=2).encode())
     print_table(results, sweep.target)
+    print_next_steps(exp_dir, summary)
     return summary
+
+
+def print_next_steps(exp_dir: str, summary: dict[str, Any]) -> None:
+    """The report (written now: it takes seconds), and where the winner's outputs are."""
+    from resnet.analysis import open_experiment
+    from resnet.report import write_analysis
+    out = storage.join(exp_dir, "analysis")
+    write_analysis(open_experiment(exp_dir), out)
+    print(f"report: {storage.join(out, 'report.html')} (python -m jobs.analyze {exp_dir} "
+          "refreshes it)", flush=True)
+    print(f"best model: {summary['model_export']}; its schedule: {summary['schedule']}",
+          flush=True)
+    if summary["gradcam"]:
+        print(f"Grad-CAM: {storage.join(exp_dir, 'gradcam', 'gradcam.png')}", flush=True)
 
 
 def make_tuner(sweep: SweepConfig, trainable, space: dict[str, Any], root: str, name: str,
@@ -130,24 +133,23 @@ def make_tuner(sweep: SweepConfig, trainable, space: dict[str, Any], root: str, 
         return tune.Tuner.restore(exp_dir, trainable, resume_unfinished=True, resume_errored=True)
     if sweep.resume:  # stopped after sweep.json, before Tune saved anything: start it now
         print(f"sweep {name} had not started a trial; starting it", flush=True)
-    if sweep.scheduler == "asha":
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=sweep.base.epochs,
-                                  grace_period=sweep.grace, reduction_factor=2)
-    else:
-        scheduler = FIFOScheduler()
+    scheduler = make_scheduler(sweep.scheduler, sweep.base.epochs, sweep.grace, sweep.interval,
+                               space, sweep.base.seed)
     points = [keras_point(space, sweep.base)] if sweep.keras_trial else []
+    searcher, num_samples = make_searcher(sweep.search, space, points, concurrent,
+                                          sweep.base.seed, sweep.samples)
     return tune.Tuner(
-        trainable, param_space=to_tune(space),
-        tune_config=tune.TuneConfig(
-            # Tune's points replace samples; the Keras trial comes on top of --samples.
-            metric="val_acc", mode="max", scheduler=scheduler,
-            num_samples=sweep.samples + len(points),
-            trial_dirname_creator=trial_dirname,
-            # The generator limits concurrency itself (Tune ignores max_concurrent_trials with it).
-            search_alg=BasicVariantGenerator(points_to_evaluate=points, max_concurrent=concurrent,
-                                             random_state=sweep.base.seed)),
-        run_config=tune.RunConfig(name=name, storage_path=root, verbose=0,
-                                  failure_config=tune.FailureConfig(max_failures=0)))
+        trainable, param_space=param_space(space, sweep.search),
+        tune_config=tune.TuneConfig(metric="val_acc", mode="max", scheduler=scheduler,
+                                    num_samples=num_samples, trial_dirname_creator=trial_dirname,
+                                    search_alg=searcher),
+        run_config=tune.RunConfig(
+            name=name, storage_path=root, verbose=1,  # Tune's status table, now and then
+            failure_config=tune.FailureConfig(max_failures=0),
+            # Tune's copy of each trial's latest epoch (resnet/trial.py); PBT clones from any
+            # trial's latest, which may be older than the donor's newest by then: keep them all.
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=None if sweep.scheduler == "pbt" else 1)))
 
 
 def check_same_data(exp_dir: str, data_key: str) -> None:
@@ -172,6 +174,12 @@ def finish(sweep: SweepConfig, base: TrainConfig, splits: Splits, results: Sweep
     checkpoint = ray.train.Checkpoint(best["checkpoint_path"])
     winner = results.configs[best["trial_id"]]
     final = export_best(checkpoint, winner, splits, exp_dir)
+    # The winner's schedule as its weights ran it, epoch by epoch (with a PBT clone's donors).
+    history = load_state(checkpoint)["history"]
+    storage.write_bytes(storage.join(exp_dir, "best", "schedule.json"), json.dumps(
+        schedule_document(winner, history, {"sweep": exp_dir, "trial_id": best["trial_id"],
+                                            "checkpoint": best["checkpoint_path"]}),
+        indent=2).encode())
     gradcam_files: list[str] = []
     if sweep.gradcam_images:
         # Held-out images: the test split when the source has one, else validation.
@@ -196,7 +204,9 @@ def finish(sweep: SweepConfig, base: TrainConfig, splits: Splits, results: Sweep
         "test_acc": final["test_acc"], "test_loss": final["test_loss"],
         "trials": {status: int(counts.get(status, 0))
                    for status in ("completed", "early-stopped", "diverged", "failed")},
+        "time": time_split(per_trial(results.trials, sweep.target, results.configs)),
         "model_export": storage.join(exp_dir, "best", "model.pt2"),
+        "schedule": storage.join(exp_dir, "best", "schedule.json"),
         "gradcam": [storage.join(exp_dir, "gradcam", f) for f in gradcam_files],
         "sweep_config": sweep.to_dict(), "provenance": provenance(),
     }

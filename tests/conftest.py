@@ -57,7 +57,7 @@ def cifar(shared_archive):
 def ray_local():
     """A real local Ray cluster on loopback, shared by the integration tests."""
     import ray
-    from resnet.driver import connect_ray
+    from resnet.cluster import connect_ray
     connect_ray()
     yield ray
     ray.shutdown()

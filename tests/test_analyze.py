@@ -55,6 +55,12 @@ def test_table_puts_the_sweeps_winner_first(analysed, sweep):
         assert timed["epoch_s"].sum() <= row["wall_s"] <= analysed["summary"]["wall_s"], trial
         assert row["cpu_s"] == pytest.approx(2 * row["wall_s"], abs=0.15)  # both rounded
         assert row["gpu_s"] == 0.0
+        # Its seconds split into the epochs it trained (as the epoch rows time them) and the rest.
+        assert row["train_s"] == pytest.approx(timed["epoch_s"].sum(), abs=0.06)
+        assert row["train_s"] + row["startup_s"] == pytest.approx(row["wall_s"], abs=0.15)
+    split = analysed["summary"]["time"]
+    assert split["train_s"] == pytest.approx(table["train_s"].sum(), abs=0.5)
+    assert 0 < split["train_share"] < 1 and "trial time:" in analysed["proc"].stdout
 
 
 def test_plots_and_tables_are_real_files(analysed, sweep):

@@ -69,6 +69,9 @@ def build_inputs(tmp: Path, cifar, archive: Path) -> dict[str, list[str]]:
     (tmp / "model.pt2").write_bytes(export_model(tiny))
     (tmp / "unknown-key.json").write_text('{"learning_rate": 0.1}')
     (tmp / "impossible.json").write_text('{"lr": {"loguniform": [0.5, 0.1]}}')
+    (tmp / "odd-batch.json").write_text('{"batch_size": {"choice": [64, 90]}}')
+    (tmp / "grid.json").write_text('{"lr": {"grid": [0.1, 0.2]}}')
+    (tmp / "not-a-schedule.json").write_text('{"lr": 0.1}')
     cam = ["--data", str(archive), "--checkpoint"]
     return {
         "data-missing": ["jobs.train", "--data", str(tmp / "nope")],
@@ -94,6 +97,15 @@ def build_inputs(tmp: Path, cifar, archive: Path) -> dict[str, list[str]]:
         "space-impossible-range": ["jobs.tune", *data, "--space", str(tmp / "impossible.json")],
         "name-with-separator": ["jobs.train", *data, "--name", "runs/a"],
         "sweep-name-with-separator": ["jobs.tune", *data, "--name", "../a"],
+        "gpus-per-worker-0": ["jobs.train", *data, "--gpus-per-worker", "0"],
+        "space-batch-not-divisible": ["jobs.tune", *data, "--num-workers", "4", "--space",
+                                      str(tmp / "odd-batch.json")],
+        "optuna-with-grid": ["jobs.tune", *data, "--search", "optuna", "--space",
+                             str(tmp / "grid.json")],
+        "pbt-with-keras-trial": ["jobs.tune", *data, "--scheduler", "pbt", "--keras-trial"],
+        "resume-nothing": ["jobs.tune", *data, "--resume", "--name", "nothing"],
+        "lr-schedule-not-a-schedule": ["jobs.train", *data, "--lr-schedule",
+                                       str(tmp / "not-a-schedule.json")],
     }
 
 

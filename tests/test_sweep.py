@@ -138,7 +138,7 @@ def test_the_profile_follows_the_clusters_gpus_and_flags_win():
 
 
 def test_hardware_is_filled_from_the_cluster_and_refused_when_it_cannot_fit():
-    from resnet.driver import resolve_hardware
+    from resnet.cluster import resolve_hardware
     config = make_config(num_workers=2)
     resolved = resolve_hardware(config, True, {"CPU": 8.0}, node_cpus=8)
     assert (resolved.use_gpu, resolved.cpus_per_worker) == (False, 4)  # the node's CPUs, shared

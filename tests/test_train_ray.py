@@ -13,7 +13,8 @@ import torch
 from resnet.checkpoint import inference_model, load_state, model_from_state
 from resnet.config import make_config
 from resnet.data import load_splits
-from resnet.driver import check_shared_storage, train_driver_fn
+from resnet.cluster import check_shared_storage
+from resnet.driver import train_driver_fn
 from resnet.errors import UsageError
 from resnet.models import build_model
 from resnet.loop import evaluate

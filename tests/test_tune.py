@@ -92,11 +92,22 @@ def test_sweep_finds_the_best_trial_and_explains_it(sweep, shared_archive):
     assert all(not np.allclose(cams["cams"][i], cams["cams"][j], atol=0.05)
                for i in range(10) for j in range(i + 1, 10))
 
-    # The console ends with the per-trial table and the target line.
+    # The console: one line per epoch per trial without Ray's process prefix, none of Ray's
+    # known noise, and it ends with the per-trial table, the target line and what to look at.
+    from resnet.console import NOISE
+    console = proc.stdout + proc.stderr
+    assert not [line for line in console.splitlines() if any(p.search(line) for p in NOISE)]
+    assert any(line.startswith(f"[{hit['trial_id']}] Epoch 2/2 - ") for line in console.splitlines())
     tail = proc.stdout.strip().splitlines()
-    assert tail[-1].startswith(f"target val_acc 0.20 reached by trial {hit['trial_id']} at "
-                               f"epoch {hit['epoch']}; best")
-    assert any("diverged" in line for line in tail[-6:])
+    target_line = next(i for i, line in enumerate(tail) if line.startswith("target val_acc"))
+    assert tail[target_line].startswith(f"target val_acc 0.20 reached by trial "
+                                        f"{hit['trial_id']} at epoch {hit['epoch']}; best")
+    assert any("diverged" in line for line in tail[target_line - 5:target_line])
+    assert tail[target_line + 1] == f"report: {exp}/analysis/report.html (python -m jobs.analyze " \
+                                    f"{exp} refreshes it)"
+    assert (exp / "analysis" / "report.html").is_file()
+    assert f"Grad-CAM: {exp}/gradcam/gradcam.png" in tail
+    assert "of Ray's own logging were not shown here; Ray keeps all of it in" in proc.stderr
 
 
 @pytest.mark.ray

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -16,7 +17,7 @@ from resnet.data.sources import CIFAR10_CLASSES, Source, decode, resolve_source
 from resnet.errors import UsageError
 
 __all__ = ["CIFAR10_CLASSES", "Dataset", "Splits", "load_dataset", "load_splits", "make_splits",
-           "stratified_take"]
+           "open_dataset", "stratified_take"]
 
 
 @dataclass
@@ -53,10 +54,21 @@ class Splits:
 
 def load_dataset(data: str | None) -> Dataset:
     """Decode ``data`` (see ``resolve_source``), or read it back from the Parquet cache."""
+    return open_dataset(data)[1]()
+
+
+def open_dataset(data: str | None) -> tuple[bool, Callable[[], Dataset]]:
+    """Locate ``data`` now (bad paths fail here) and return (whether the Parquet cache holds it,
+    the function that loads it). A cached source cannot fail to decode any more, so a caller
+    may read it while it does something else (the driver starts Ray meanwhile)."""
     start = time.perf_counter()
     source = resolve_source(data)
     key = content_key(source)
     path = cache_path(key)
+    return path.is_file(), lambda: _load(source, key, path, start)
+
+
+def _load(source: Source, key: str, path, start: float) -> Dataset:
     decoded = read_cache(path)
     from_cache = decoded is not None
     if decoded is None:

@@ -1,0 +1,106 @@
+"""Searching schedules (issue 18): Population Based Training on real trials (a clone really starts
+from its donor's weights), the winner's schedule replayed by jobs.train, and Optuna's TPE with
+ASHA, interrupted and resumed. Tiny model, real images, the session's Ray."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from resnet.checkpoint import load_state, weights_digest
+from resnet.config import make_config
+from resnet.replay import read_schedule
+from tests.conftest import run_job
+from tests.test_faults import interrupt
+
+pytestmark = pytest.mark.ray
+
+
+def tiny_sweep(tmp_path, archive, space: dict, *flags: str) -> list[str]:
+    (tmp_path / "space.json").write_text(json.dumps(space))
+    return ["--data", str(archive), "--model", "tiny", "--space", str(tmp_path / "space.json"),
+            "--subset", "512", "--val-size", "200", "--cpu", "--gradcam-images", "0",
+            "--storage", str(tmp_path), *flags]
+
+
+@pytest.fixture(scope="module")
+def pbt(ray_local, shared_archive, tmp_path_factory):
+    """4 trials x 4 epochs, a perturbation every epoch: the bottom trial clones the top one."""
+    from jobs.tune import main
+    tmp = tmp_path_factory.mktemp("pbt")
+    space = {"schedule": "onecycle", "lr": {"loguniform": [0.001, 0.3]}, "batch_size": 64,
+             "ema": 0.0, "tta": False}
+    code = main(tiny_sweep(tmp, shared_archive, space, "--samples", "4", "--epochs", "4",
+                           "--scheduler", "pbt", "--perturbation-interval", "1",
+                           "--name", "pbt"))
+    assert code == 0
+    return tmp / "pbt"
+
+
+def test_a_pbt_clone_starts_from_its_donors_weights(pbt):
+    trials = pd.read_parquet(pbt / "trials.parquet")
+    clones = trials[trials["cloned_from"].notna()]
+    assert len(clones), "no trial exploited another in 4 epochs of 4 trials"
+    for _, row in clones.iterrows():
+        donor, at = row["cloned_from"], int(row["cloned_at_epoch"])
+        assert row["epoch"] == at + 1 and donor != row["trial_id"]
+        # The donor's Tune checkpoint of that epoch (PBT keeps them all): the clone's first epoch
+        # started from exactly its weights.
+        sources = [p.parent for p in (pbt / f"trial_{donor}").glob("checkpoint_*/source.json")
+                   if json.loads(p.read_text())["epoch"] == at]
+        assert sources, (donor, at)
+        state = load_state(sources[-1])
+        assert row["start_weights"] == weights_digest(state.get("train_model", state["model"]))
+        # ... not its own, and not fresh initial weights (every trial starts from the same seed).
+        own = trials[(trials["trial_id"] == row["trial_id"]) & (trials["epoch"] == 1)]
+        assert row["start_weights"] != own["start_weights"].iloc[0]
+    # The LR each epoch ran with is recorded, and a clone runs with a perturbed one.
+    assert trials["lr_peak"].notna().all() and trials["lr"].notna().all()
+    sweep = json.loads((pbt / "sweep.json").read_text())["sweep"]
+    assert (sweep["scheduler"], sweep["perturbation_interval"]) == ("pbt", 1)
+
+
+def test_the_winners_schedule_replays_epoch_by_epoch(pbt, shared_archive, tmp_path):
+    from resnet.driver import train_driver_fn
+    summary = json.loads((pbt / "summary.json").read_text())
+    schedule = json.loads((pbt / "best" / "schedule.json").read_text())
+    assert schedule["trial_id"] == summary["best_trial"]
+    assert [e["epoch"] for e in schedule["epochs"]] == list(range(1, summary["best_epoch"] + 1))
+    values = read_schedule(str(pbt / "best" / "schedule.json"))
+    config = make_config(**{**values, "data": str(shared_archive), "use_gpu": False,
+                            "storage": str(tmp_path), "name": "replay"})
+    train_driver_fn(config)
+    replayed = pd.read_parquet(tmp_path / "replay" / "metrics.parquet")
+    recorded = schedule["epochs"]
+    assert replayed["lr"].tolist()[:len(recorded)] == pytest.approx(
+        [e["lr_end"] for e in recorded], rel=1e-9)
+    assert replayed["lr_peak"].tolist()[:len(recorded)] == [e["lr_peak"] for e in recorded]
+
+
+@pytest.mark.e2e
+def test_optuna_proposes_the_trials_runs_with_asha_and_resumes(shared_archive, tmp_path):
+    space = {"schedule": "onecycle", "lr": {"loguniform": [0.01, 0.3]}, "batch_size": 64,
+             "label_smoothing": {"uniform": [0.0, 0.2]}}
+    args = ["jobs.tune", *tiny_sweep(tmp_path, shared_archive, space, "--samples", "4",
+                                     "--epochs", "3", "--search", "optuna", "--scheduler", "asha",
+                                     "--max-concurrent", "1", "--name", "optuna")]
+    exp = tmp_path / "optuna"
+    stopped, _ = interrupt(args, lambda: list((exp / "train_runs").glob("*")), tmp_path)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    done = run_job(*args, "--resume")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert json.loads((exp / "sweep.json").read_text())["sweep"]["search"] == "optuna"
+    trials = pd.read_parquet(exp / "trials.parquet")
+    assert trials["trial_id"].nunique() == 4
+    assert set(trials["status"]) <= {"completed", "early-stopped"}
+    assert json.loads((exp / "sweep.json").read_text())["sweep"]["scheduler"] == "asha"
+    # The configs came from Optuna: its study (restored from the sweep's searcher state) holds
+    # exactly the values the trials ran with.
+    from ray.tune.search.optuna import OptunaSearch
+    searcher = OptunaSearch()
+    searcher.restore_from_dir(str(exp))
+    proposed = sorted(round(t.params["lr"], 12) for t in searcher._ot_study.trials)
+    ran = sorted(round(v, 12) for v in trials.drop_duplicates("trial_id")["config/lr"])
+    assert proposed == ran
