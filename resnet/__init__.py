@@ -1,9 +1,6 @@
 """ResNets on CIFAR-10 as a distributed Ray Train job.
 
-Modules, one concern each: ``config`` (the typed run config and presets), ``data`` (sources,
-Parquet cache, splits), ``augment`` (batched on-device augmentation), ``models``, ``schedules``,
-``train`` (the per-worker loop), ``driver`` (the Ray Train run and its outputs), ``export``,
-``storage`` and ``provenance``.
+Modules, one concern each: docs/architecture.md lists them.
 """
 
 import os as _os
@@ -14,5 +11,9 @@ import sys as _sys
 # imported, unless this process drives an existing cluster (RAY_ADDRESS, as `ray job submit` sets).
 if "ray" not in _sys.modules and not _os.environ.get("RAY_ADDRESS"):
     _os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+# Ray's log de-duplication merges lines of different processes that differ only in digits: the
+# "[trial] Epoch 2/3 ..." lines of two trials would collapse into one. Every epoch line counts.
+_os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 __version__ = "0.1.0"
