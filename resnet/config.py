@@ -103,8 +103,9 @@ class TrainConfig:
     preset: str | None = None
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
-        """Build from a plain dict (CLI, JSON, Tune); unknown keys are a usage error."""
+    def from_dict(cls, values: Mapping[str, Any], check: bool = True) -> "TrainConfig":
+        """Build from a plain dict (CLI, JSON, Tune); unknown keys are a usage error, and so
+        (unless ``check`` is off: to describe a trial that failed on it) is a bad value."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -116,7 +117,8 @@ class TrainConfig:
         if values.get("lr_by_epoch") is not None:
             values["lr_by_epoch"] = tuple(tuple(float(v) for v in row)
                                           for row in values["lr_by_epoch"])
-        return cls(**values).validated()
+        config = cls(**values)
+        return config.validated() if check else config
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (tuples become lists); round-trips through from_dict."""

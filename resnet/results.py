@@ -97,7 +97,7 @@ def collect_results(exp_dir: str, base: TrainConfig, target: float) -> SweepResu
         rows = with_checkpointed_epochs(rows, exp_dir, trial.trial_id)
         if "epoch" in rows and len(rows):  # a resumed trial may re-report an epoch: keep the last
             rows = rows.drop_duplicates("epoch", keep="last")
-        config = configs[trial.trial_id] = trial_config(base, trial.config)
+        config = configs[trial.trial_id] = trial_config(base, trial.config, check=False)
         status = trial_status(trial.status, rows, config.epochs)
         if rows.empty:  # a trial without a single epoch still gets its row
             rows = pd.DataFrame([{key: None for key in METRICS}])

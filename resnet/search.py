@@ -80,7 +80,10 @@ def mutations(space: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for key in PBT_MUTATED:
         spec = space.get(key)
-        if isinstance(spec, dict):
+        if isinstance(spec, dict) and ("grid" in spec or "choice" in spec):
+            # A list: PBT perturbs to a neighbouring value (a grid_search is no distribution).
+            out[key] = sorted(next(iter(spec.values())))
+        elif isinstance(spec, dict):
             out[key] = domains[key]
         elif key == "lr":
             out[key] = tune.loguniform(spec / 4, spec * 4)

@@ -55,10 +55,10 @@ STEP_DROPS = ((0.5, 0.1), (0.75, 0.1))  # step family: x0.1 at 50% and 75% of th
 
 
 def load_space(path: str | None, optimizer: str, profile: str = "gpu",
-               num_workers: int = 1) -> dict[str, Any]:
+               num_workers: int = 1, model: str = "resnet20") -> dict[str, Any]:
     """The default space, the profile's keys, then the file's keys laid over it; validated
-    (every value must make a config that trains on ``num_workers`` workers), per-optimizer
-    ranges resolved."""
+    (every value, and the constants together, must make a config of ``model`` that trains on
+    ``num_workers`` workers), per-optimizer ranges resolved."""
     space = {**DEFAULT_SPACE, **PROFILE_SPACE.get(profile, {})}
     if path:
         space.update(read_space_file(path))
@@ -66,7 +66,10 @@ def load_space(path: str | None, optimizer: str, profile: str = "gpu",
     for key, spec in space.items():
         if key not in TUNABLE:
             raise UsageError(f"--space: unknown key {key!r}; tunable keys: {', '.join(TUNABLE)}")
-        resolved[key] = _resolve(key, spec, optimizer, num_workers)
+        resolved[key] = _resolve(key, spec, optimizer, {"num_workers": num_workers, "model": model})
+    constants = {k: v for k, v in resolved.items() if not isinstance(v, Mapping)}
+    if len(constants) > 1:  # each is possible alone; together they must be too
+        _check_value("", constants, {"num_workers": num_workers, "model": model})
     return resolved
 
 
@@ -91,9 +94,10 @@ def read_space_file(path: str) -> dict[str, Any]:
     return data
 
 
-def _resolve(key: str, spec: Any, optimizer: str, num_workers: int = 1) -> Any:
-    """A constant, or {"<distribution>": args} with per-optimizer ranges picked; checked."""
-    check = {"num_workers": num_workers} if key == "batch_size" else {}  # splits the batch
+def _resolve(key: str, spec: Any, optimizer: str, check: Mapping[str, Any]) -> Any:
+    """A constant, or {"<distribution>": args} with per-optimizer ranges picked; checked in the
+    sweep's ``check`` context (its worker count splits the batch, its model has its own flags)."""
+    num_workers = check["num_workers"]
     if not isinstance(spec, Mapping):
         _check_value(key, spec, check)
         return spec
@@ -129,14 +133,18 @@ def _resolve(key: str, spec: Any, optimizer: str, num_workers: int = 1) -> Any:
 
 def _check_value(key: str, value: Any, context: Mapping[str, Any] | None = None) -> None:
     """A value is possible when a TrainConfig accepts it (same checks as the command line), with
-    the sweep's ``context`` (its worker count) around it."""
+    the sweep's ``context`` (worker count, model) around it. ``value`` may be a dict of several
+    keys' constants (``key`` then names them all)."""
     try:
-        overrides = {**(context or {}), key: value}
-        if key == "schedule" and value == "step":
+        values = value if isinstance(value, dict) else {key: value}
+        overrides = {**(context or {}), **values}
+        if overrides.get("schedule") == "step":
             overrides["milestones"] = ((2, 0.1),)
         make_config("fast", **overrides)  # the preset every searched trial starts from
     except (UsageError, TypeError) as exc:
-        raise UsageError(f"--space: {key}={value!r} is impossible ({exc})") from None
+        what = (", ".join(f"{k}={v!r}" for k, v in value.items()) + " are impossible together"
+                if isinstance(value, dict) else f"{key}={value!r} is impossible")
+        raise UsageError(f"--space: {what} ({exc})") from None
 
 
 def grid_size(space: dict[str, Any]) -> int:
@@ -180,8 +188,9 @@ def keras_config(base: TrainConfig) -> TrainConfig:
     return make_config("keras", **{key: getattr(base, key) for key in keep})
 
 
-def trial_config(base: TrainConfig, params: Mapping[str, Any]) -> TrainConfig:
-    """The TrainConfig of one trial: the sweep's base config with the sampled values."""
+def trial_config(base: TrainConfig, params: Mapping[str, Any], check: bool = True) -> TrainConfig:
+    """The TrainConfig of one trial: the sweep's base config with the sampled values. ``check``
+    off: as sampled, even if impossible (a trial that failed on it still gets its row)."""
     params = dict(params)
     if params.pop(RECIPE_KEY, "search") == "keras":
         return keras_config(base)
@@ -189,4 +198,4 @@ def trial_config(base: TrainConfig, params: Mapping[str, Any]) -> TrainConfig:
     if values["schedule"] == "step" and not values["milestones"]:
         values["milestones"] = [(math.floor(base.epochs * at) + 1, factor)
                                 for at, factor in STEP_DROPS]
-    return TrainConfig.from_dict(values)
+    return TrainConfig.from_dict(values, check)

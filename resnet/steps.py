@@ -19,10 +19,10 @@ import ray
 import torch
 import torch.nn.functional as F
 
+from resnet.augment import augment
 from resnet.checkpoint import save_state
 from resnet.config import TrainConfig
 from resnet.data import Splits
-from resnet.augment import augment
 from resnet.loop import (autocast, build_loop, plan, prepare_device, state_dict, to_input,
                          train_epoch, train_precision, train_step, validate)
 from resnet.models import build_model

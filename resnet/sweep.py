@@ -16,8 +16,8 @@ from typing import Any, Mapping
 import ray
 
 from resnet import storage
-from resnet.config import TARGET_ACC, TrainConfig, make_config
 from resnet.cluster import connect_ray
+from resnet.config import TARGET_ACC, TrainConfig, make_config
 from resnet.errors import UsageError
 from resnet.search import SCHEDULERS, SEARCHERS, check_search
 from resnet.space import PROFILE_SPACE, keras_config, load_space, read_space_file
@@ -126,7 +126,7 @@ def make_sweep(train_flags: dict[str, Any], sweep_flags: dict[str, Any],
     check_search(scheduler, search, bool(sweep_flags.get("keras_trial")), {})  # before Ray
     if sweep_flags.get("space"):  # a bad file or combination fails before Ray starts
         space = load_space(sweep_flags["space"], given.get("optimizer", "sgd"), "cpu",
-                           given.get("num_workers", 1))
+                           given.get("num_workers", 1), given.get("model", "resnet20"))
         check_search(scheduler, search, bool(sweep_flags.get("keras_trial")), space,
                      read_space_file(sweep_flags["space"]))
     if resources is None:
@@ -190,7 +190,7 @@ def resume_sweep(train_flags: dict[str, Any], sweep_flags: dict[str, Any]) -> Sw
                and not _same(getattr(stored, key), value)]
     if "space" in given_sweep:  # compared by content: the file may have moved
         space = load_space(given_sweep["space"], stored.base.optimizer, stored.profile,
-                           stored.base.num_workers)
+                           stored.base.num_workers, stored.base.model)
         if "space" in settings and space != settings["space"]:
             differ.append(f"space (the search space of {given_sweep['space']} is not the one "
                           "the sweep started with)")

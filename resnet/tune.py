@@ -9,7 +9,6 @@ Under ``<storage>/<name>/``: Tune's experiment (trial folders, restorable), ``tr
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import replace
 from typing import Any
@@ -18,13 +17,13 @@ import ray
 from ray import tune
 
 from resnet import storage
+from resnet.checkpoint import load_state
+from resnet.cluster import check_shared_storage, connect_ray, ray_cluster
 from resnet.config import TrainConfig
 from resnet.data import Splits, load_splits
-from resnet.cluster import check_shared_storage, connect_ray, ray_cluster
 from resnet.driver import check_batch_fits, export_best
 from resnet.errors import TrainingFailed, UsageError
 from resnet.gradcam import gradcam_task
-from resnet.checkpoint import load_state
 from resnet.provenance import provenance
 from resnet.replay import schedule_document
 from resnet.results import (TRAIN_RUNS, SweepResults, collect_results, per_trial, print_table,
@@ -43,7 +42,8 @@ def run_sweep(sweep: SweepConfig) -> dict[str, Any]:
     """Run (or resume) the sweep, then export and explain the winner; returns the summary."""
     started = time.time()
     base = sweep.base
-    space = load_space(sweep.space, base.optimizer, sweep.profile, base.num_workers)
+    space = load_space(sweep.space, base.optimizer, sweep.profile, base.num_workers,
+                       base.model)
     check_search(sweep.scheduler, sweep.search, sweep.keras_trial, space,
                  read_space_file(sweep.space) if sweep.space else None)
     dataset, splits = load_splits(base.data, base.val_size, base.subset, base.seed)

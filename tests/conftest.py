@@ -57,6 +57,7 @@ def cifar(shared_archive):
 def ray_local():
     """A real local Ray cluster on loopback, shared by the integration tests."""
     import ray
+
     from resnet.cluster import connect_ray
     connect_ray()
     yield ray
@@ -106,19 +107,19 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def pid_alive(pid: int) -> bool:
+    """The process runs (a zombie, dead but not yet reaped by its parent, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def reap(pids: list[int], timeout: float = 60) -> list[str]:
     """Wait for processes to end; SIGKILL what is left after ``timeout``. Returns the leftovers'
     command lines."""
     def alive() -> list[int]:
-        out = []
-        for pid in pids:
-            try:
-                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                continue
-            if state != "Z":
-                out.append(pid)
-        return out
+        return [pid for pid in pids if pid_alive(pid)]
 
     deadline = time.monotonic() + timeout
     while alive() and time.monotonic() < deadline:
@@ -131,6 +132,29 @@ def reap(pids: list[int], timeout: float = 60) -> list[str]:
         except (OSError, ProcessLookupError):
             pass
     return left
+
+
+# Loopback as /proc/net/tcp* writes it: 127.0.0.1, and IPv4-mapped or plain ::1 in tcp6.
+LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
+
+
+def listening_sockets(pids: list[int]) -> set[tuple[str, str]]:
+    """(local address, port), hex as /proc/net/tcp* writes them, of the TCP sockets ``pids``
+    listen on (Linux)."""
+    inodes = set()
+    for pid in pids:
+        try:
+            links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+        except OSError:  # ended meanwhile
+            continue
+        inodes |= {link[len("socket:["):-1] for link in links if link.startswith("socket:[")}
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                found.add(tuple(fields[1].rsplit(":", 1)))
+    return found
 
 
 # The test sweep's space: three trials by grid, a sane learning rate (val_acc about 0.14 after

@@ -72,15 +72,16 @@ def test_noise_between_errors_does_not_swallow_them():
 
 @pytest.mark.e2e
 def test_a_failing_trial_reaches_the_console_with_where_its_log_is(shared_archive, tmp_path):
-    # dirac_init is for resnet20 only: with --model resnet18 every trial fails as it starts.
+    # Each value is possible alone, so the space passes its check before Ray; but a shift TTA
+    # needs the flip TTA: every sampled trial fails as it starts, and must still get its row.
     (tmp_path / "space.json").write_text(json.dumps({"schedule": "onecycle", "batch_size": 64,
-                                                     "dirac_init": True}))
-    proc = run_job("jobs.tune", "--data", str(shared_archive), "--model", "resnet18", "--space",
+                                                     "tta": {"grid": [False]}, "tta_shift": 1}))
+    proc = run_job("jobs.tune", "--data", str(shared_archive), "--model", "tiny", "--space",
                    str(tmp_path / "space.json"), "--samples", "1", "--epochs", "1", "--subset",
                    "200", "--val-size", "50", "--cpu", "--storage", str(tmp_path), "--name", "f")
     console = proc.stdout + proc.stderr
     assert proc.returncode == 1, console[-3000:]
-    assert "--dirac-init is for resnet20's residual branches, not resnet18" in console
+    assert "--tta-shift needs --tta" in console
     assert "error.txt" in console  # where the trial's whole traceback is
     assert proc.stderr.strip().splitlines()[-1].startswith(
         "jobs.tune: error: no trial completed an epoch; see the trial errors in")

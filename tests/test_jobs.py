@@ -13,7 +13,7 @@ import torch
 
 from resnet.checkpoint import inference_model, load_state
 from resnet.data import load_splits
-from tests.conftest import ROOT, run_job
+from tests.conftest import run_job
 
 pytestmark = pytest.mark.e2e
 
@@ -42,7 +42,10 @@ def test_train_job_two_cpu_workers_on_a_real_subset(shared_archive, tmp_path):
     metrics = pd.read_parquet(run_dir / "metrics.parquet")
     assert metrics["epoch"].tolist() == [1, 2]
     assert summary["best_val_acc"] == metrics["val_acc"].max() > 0.25
-    assert summary["config"]["num_workers"] == 2 and summary["data"]["sizes"]["train"] == 4000
+    # Two ranks really ran, each in its own process: what the workers saw, not the config echoed.
+    assert metrics["world_size"].tolist() == [2, 2] and len(summary["placement"]) == 2
+    assert len({rank["pid"] for rank in summary["placement"]}) == 2
+    assert summary["data"]["sizes"]["train"] == 4000
     assert summary["epochs_completed"] == 2 and summary["status"] == "completed"
     assert set(summary["provenance"]["versions"]) >= {"torch", "ray", "torchvision"}
     assert (run_dir / "checkpoint_manager_snapshot.json").is_file()  # Ray Train's run directory

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from resnet.checkpoint import load_state
-from tests.conftest import ROOT, descendants, reap, reported_epoch, wait_for
-from tests.test_train_ray import LOOPBACK
+from tests.conftest import (LOOPBACK, ROOT, descendants, listening_sockets, pid_alive, reap,
+                            reported_epoch, wait_for)
 
 pytestmark = pytest.mark.e2e
 RAY = str(Path(sys.executable).parent / "ray")
@@ -170,25 +170,10 @@ def test_a_sweep_submitted_to_the_cluster_spreads_its_trials(cluster, shared_arc
     assert trials["node_ids"].nunique() == 2  # the two trials ran on different nodes
     summary = json.loads((exp / "summary.json").read_text())
     assert summary["ray_cluster"]["gcs_address"] == cluster["gcs_address"]
-    assert summary["ray_cluster"]["nodes"] == 4  # the head and three worker nodes
+    # The head and the worker nodes still up (the node-loss test above kills one, and by now
+    # Ray has long marked it dead: the sweep ran for minutes after).
+    up = [n for n in cluster["nodes"] if pid_alive(n["raylet_pid"])]
+    assert summary["ray_cluster"]["nodes"] == len(up) >= 3
     assert (exp / "best" / "model.pt2").stat().st_size > 10_000
     cams = np.load(exp / "gradcam" / "cams.npz")
     assert cams["cams"].shape == (2, 32, 32)
-
-
-def listening_sockets(pids: list[int]) -> set[tuple[str, str]]:
-    """(local address, port), hex as /proc/net/tcp* writes them, of what ``pids`` listen on."""
-    inodes = set()
-    for pid in pids:
-        try:
-            links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
-        except OSError:
-            continue
-        inodes |= {link[len("socket:["):-1] for link in links if link.startswith("socket:[")}
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "0A" and fields[9] in inodes:
-                found.add(tuple(fields[1].rsplit(":", 1)))
-    return found

@@ -54,6 +54,24 @@ def test_bad_space_files_are_usage_errors(tmp_path, text, message):
     assert "\n" not in str(info.value)
 
 
+def test_a_value_is_checked_with_the_sweeps_model_and_constants_together(tmp_path):
+    space = write(tmp_path, '{"dirac_init": true}', "space.json")
+    assert load_space(space, "sgd", model="resnet20")["dirac_init"] is True
+    with pytest.raises(UsageError, match="dirac_init=True is impossible .*not resnet18"):
+        load_space(space, "sgd", model="resnet18")
+    together = write(tmp_path, '{"tta": false, "tta_shift": 2}', "together.json")
+    with pytest.raises(UsageError, match="tta=False, tta_shift=2 are impossible together"):
+        load_space(together, "sgd")
+    # A sampled value is checked alone: a trial that draws an impossible mix fails on its own
+    # (tests/test_console.py), and its row is still described.
+    assert load_space(write(tmp_path, '{"tta": {"grid": [false]}, "tta_shift": 2}', "g.json"),
+                      "sgd")["tta"] == {"grid": [False]}
+    row = trial_config(make_config("fast"), {"tta": False, "tta_shift": 2}, check=False)
+    assert (row.tta, row.tta_shift) == (False, 2)
+    with pytest.raises(UsageError, match="--tta-shift needs --tta"):
+        trial_config(make_config("fast"), {"tta": False, "tta_shift": 2})
+
+
 def test_missing_space_file(tmp_path):
     with pytest.raises(UsageError, match="cannot read it"):
         load_space(str(tmp_path / "nope.yaml"), "sgd")
@@ -83,3 +101,15 @@ def test_the_tricks_space_file_is_a_full_factorial_around_the_fast_recipe():
     space = load_space(str(ROOT / "jobs" / "spaces" / "tricks.yaml"), "sgd")
     assert grid_size(space) == 16 and grid_size(load_space(None, "sgd")) == 1
     assert (space["schedule"], space["lr"], space["batch_size"]) == ("onecycle", 0.2, 256)
+
+
+def test_pbt_perturbs_a_grid_or_choice_as_a_list_and_a_fixed_lr_within_4x():
+    from ray.tune.search.sample import Domain
+
+    from resnet.search import mutations
+    grid = mutations({"lr": {"grid": [0.2, 1e-5]}, "momentum": {"choice": [0.9, 0.8]},
+                      "weight_decay": {"loguniform": [1e-4, 1e-3]}})
+    assert grid["lr"] == [1e-5, 0.2] and grid["momentum"] == [0.8, 0.9]
+    assert isinstance(grid["weight_decay"], Domain)
+    fixed = mutations({"lr": 0.1})["lr"]
+    assert (fixed.lower, fixed.upper) == (0.025, 0.4) and set(mutations({"lr": 0.1})) == {"lr"}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -18,7 +17,7 @@ from resnet.driver import train_driver_fn
 from resnet.errors import UsageError
 from resnet.models import build_model
 from resnet.loop import evaluate
-from tests.conftest import descendants
+from tests.conftest import LOOPBACK, descendants, listening_sockets
 
 pytestmark = pytest.mark.ray
 
@@ -43,6 +42,8 @@ def test_two_ddp_workers_match_one_worker_with_the_same_global_batch(ray_local, 
     for key in w1:
         assert torch.allclose(w1[key], w2[key], rtol=1e-4, atol=1e-6), key
     m1, m2 = one["final_metrics"], two["final_metrics"]
+    assert (m1["world_size"], m2["world_size"]) == (1, 2)  # as the workers saw it
+    assert len(set(m2["pids"].split(","))) == 2 and m2["rendezvous"].startswith("127.0.0.1:")
     assert m1["step"] == m2["step"] == 8
     for key in ("loss", "acc", "val_loss", "val_acc", "lr"):
         assert m1[key] == pytest.approx(m2[key], rel=1e-4, abs=1e-6), key
@@ -104,32 +105,11 @@ def test_storage_check_reads_a_marker_back_on_every_node(ray_local, tmp_path):
         check_shared_storage("/proc/no-such-storage")
 
 
-LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
-
-
-def listening_addresses(pids: list[int]) -> set[str]:
-    """Local addresses (hex, as /proc/net/tcp* writes them) of the TCP sockets ``pids`` listen on."""
-    inodes = set()
-    for pid in pids:
-        try:
-            links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
-        except OSError:  # ended meanwhile
-            continue
-        inodes |= {link[len("socket:["):-1] for link in links if link.startswith("socket:[")}
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
-                found.add(fields[1].rsplit(":", 1)[0])
-    return found
-
-
 def test_the_embedded_ray_listens_on_loopback_only(ray_local):
     assert {node["NodeManagerAddress"] for node in ray_local.nodes()} == {"127.0.0.1"}
     # This process (the driver) and every process it started: GCS, raylet, dashboard, agents,
     # workers. A torch.distributed store of a running training run is not among them.
-    addresses = listening_addresses([os.getpid(), *descendants(os.getpid())])
+    addresses = {a for a, _ in listening_sockets([os.getpid(), *descendants(os.getpid())])}
     assert addresses and addresses <= LOOPBACK, addresses
 
 
