@@ -27,15 +27,15 @@ def tiny_sweep(tmp_path, archive, space: dict, *flags: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def pbt(ray_local, shared_archive, tmp_path_factory):
-    """2 trials side by side x 4 epochs, a perturbation every epoch: the one that cannot learn
-    (LR 1e-5) is the bottom of the population at every report, so it clones the other as soon
-    as the other has been top at a report of its own (Ray's asynchronous PBT checkpoints a donor
-    then): by its second or third epoch, whatever the order of the reports."""
+    """4 trials x 4 epochs, a perturbation every epoch, 2 at a time (PBT pauses and resumes
+    them in turn): two cannot learn (LR 1e-5) and are the bottom of the population at their
+    reports, so one of them clones a trial that learns (LR 0.2) once that one has been top at a
+    report of its own (asynchronous PBT checkpoints a donor then)."""
     from jobs.tune import main
     tmp = tmp_path_factory.mktemp("pbt")
     space = {"schedule": "onecycle", "lr": {"grid": [1e-5, 0.2]}, "batch_size": 64,
              "ema": 0.0, "tta": False}
-    code = main(tiny_sweep(tmp, shared_archive, space, "--samples", "1", "--epochs", "4",
+    code = main(tiny_sweep(tmp, shared_archive, space, "--samples", "2", "--epochs", "4",
                            "--scheduler", "pbt", "--perturbation-interval", "1",
                            "--max-concurrent", "2", "--name", "pbt"))
     assert code == 0
@@ -45,7 +45,7 @@ def pbt(ray_local, shared_archive, tmp_path_factory):
 def test_a_pbt_clone_starts_from_its_donors_weights(pbt):
     trials = pd.read_parquet(pbt / "trials.parquet")
     clones = trials[trials["cloned_from"].notna()]
-    assert len(clones), "no trial exploited another in 4 epochs of 2 trials"
+    assert len(clones), "no trial exploited another in 4 epochs of 4 trials"
     assert set(clones["cloned_at_epoch"]) & {1, 2, 3}
     for _, row in clones.iterrows():
         donor, at = row["cloned_from"], int(row["cloned_at_epoch"])
