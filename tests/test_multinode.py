@@ -172,8 +172,8 @@ def test_a_sweep_submitted_to_the_cluster_spreads_its_trials(cluster, shared_arc
     assert summary["ray_cluster"]["gcs_address"] == cluster["gcs_address"]
     # The head and the worker nodes still up (the node-loss test above kills one, and by now
     # Ray has long marked it dead: the sweep ran for minutes after).
-    up = [n for n in cluster["nodes"] if pid_alive(n["raylet_pid"])]
-    assert summary["ray_cluster"]["nodes"] == len(up) >= 3
+    up = [n for n in cluster["nodes"] if pid_alive(n["raylet_pid"])]  # the worker nodes
+    assert len(up) >= 2 and summary["ray_cluster"]["nodes"] == 1 + len(up)
     assert (exp / "best" / "model.pt2").stat().st_size > 10_000
     cams = np.load(exp / "gradcam" / "cams.npz")
     assert cams["cams"].shape == (2, 32, 32)
