@@ -134,7 +134,7 @@ def _resolve(key: str, spec: Any, optimizer: str, check: Mapping[str, Any]) -> A
 def _check_value(key: str, value: Any, context: Mapping[str, Any] | None = None) -> None:
     """A value is possible when a TrainConfig accepts it (same checks as the command line), with
     the sweep's ``context`` (worker count, model) around it. ``value`` may be a dict of several
-    keys' constants (``key`` then names them all)."""
+    keys' constants, checked together (``key`` is then unused)."""
     try:
         values = value if isinstance(value, dict) else {key: value}
         overrides = {**(context or {}), **values}
