@@ -63,6 +63,8 @@ def build_parser() -> OneLineParser:
                      "epoch:factor pairs, e.g. 10:0.5,20:0.5 (from epoch 10 the LR is halved)")
     opt.add_argument("--augment", choices=AUGMENTS, help="crop: pad 4 + random crop + flip; "
                      f"keras: 0.1 shifts with nearest fill + flip (default {D.augment})")
+    opt.add_argument("--crop-pad", type=int, help="crop: zero padding in pixels, the largest "
+                     f"shift each way (default {D.crop_pad})")
     opt.add_argument("--cutout", type=int, help=f"cutout square side in pixels, 0 = off (default {D.cutout})")
     decay = opt.add_mutually_exclusive_group()
     decay.add_argument("--no-bn-bias-decay", dest="bn_bias_decay", action="store_const",

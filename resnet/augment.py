@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-CROP_PAD = 4  # pixels of zero padding around the image before a random 32 x 32 crop
+CROP_PAD = 4  # default pixels of zero padding around the image before a random 32 x 32 crop
 KERAS_SHIFT = 0.1  # Keras ImageDataGenerator width/height_shift_range, a fraction of the size
 
 
@@ -31,14 +31,15 @@ class EpochPlan:
 
 
 def plan_epoch(n: int, seed: int, epoch: int, mode: str, size: int = 32,
-               flip: str = "random") -> EpochPlan:
+               flip: str = "random", pad: int = CROP_PAD) -> EpochPlan:
     """Draw the epoch's order and per-sample augmentation parameters from (seed, epoch).
+    ``pad``: crop's padding, so its shifts are whole pixels in [-pad, pad] (airbench uses 2).
     ``flip="alternate"``: each image's flip is drawn once (from the seed) and inverted on odd
     epochs, so over two epochs every image is seen both ways."""
     rng = np.random.default_rng([seed, epoch, 1])  # stream 0 is the data split's
     order = rng.permutation(n)
-    if mode == "crop":  # integer offsets of a 32 x 32 window in the 40 x 40 padded image
-        shift = rng.integers(-CROP_PAD, CROP_PAD + 1, size=(n, 2)).astype(np.float32)
+    if mode == "crop":  # integer offsets of a 32 x 32 window in the padded image (40 x 40 at 4)
+        shift = rng.integers(-pad, pad + 1, size=(n, 2)).astype(np.float32)
     elif mode == "keras":  # Keras draws uniform(-0.1, 0.1) * size: fractional pixels
         shift = (rng.uniform(-KERAS_SHIFT, KERAS_SHIFT, size=(n, 2)) * size).astype(np.float32)
     else:
@@ -55,7 +56,7 @@ def augment(images: torch.Tensor, ids: torch.Tensor, plan: EpochPlan, mode: str,
             cutout: int = 0) -> torch.Tensor:
     """uint8 B x 3 x H x W -> float B x 3 x H x W in [0, 1], augmented as planned for ``ids``.
 
-    crop: zero padding of 4 and a random crop (integer shifts in [-4, 4]) plus a flip.
+    crop: zero padding (4 by default) and a random crop (integer shifts in [-pad, pad]) plus a flip.
     keras: fractional shifts up to 0.1 of the size with bilinear interpolation and nearest
     (edge-replicating) fill, as Keras' ImageDataGenerator, plus a flip.
     Both are one grid_sample over the batch; integer shifts sample pixel centres exactly.

@@ -68,6 +68,9 @@ class TrainConfig:
     lr_by_epoch: tuple[tuple[float, float, float], ...] = ()
     # Augmentation, drawn per epoch from (seed, epoch).
     augment: str = "crop"  # crop: 4-pixel pad + crop + flip; keras: 0.1 shifts, nearest fill + flip
+    # crop's zero padding in pixels, hence its largest shift: a random crop moves an image by up
+    # to this many pixels each way (4 is the ResNet paper's; airbench's short runs use 2).
+    crop_pad: int = 4
     cutout: int = 0  # side of the cutout square in pixels; 0 turns it off
     # random: each image mirrored with probability 1/2 every epoch; alternate: at random in the
     # first epoch, then on alternate epochs (airbench), so every image is seen both ways.
@@ -181,6 +184,7 @@ class TrainConfig:
         for epoch, factor in self.milestones:
             _check(epoch >= 1 and factor > 0,
                    f"milestone {epoch}:{factor} must have an epoch >= 1 and a factor > 0")
+        _check(0 <= self.crop_pad <= 8, f"--crop-pad must be 0-8 pixels, got {self.crop_pad}")
         _check(0 <= self.cutout <= 32, f"--cutout must be 0-32 pixels, got {self.cutout}")
         _check(self.val_size >= 1, f"--val-size must be at least 1, got {self.val_size}")
         _check(self.subset is None or self.subset >= 1, f"--subset must be positive, got {self.subset}")

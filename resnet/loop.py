@@ -222,7 +222,7 @@ def plan(loop: Loop, epoch: int) -> EpochPlan:
     """The epoch's sample order and augmentation, the same on every rank."""
     config = loop.config
     return plan_epoch(len(loop.train_y), config.seed, epoch, config.augment,
-                      flip=config.flip).to(loop.device)
+                      flip=config.flip, pad=config.crop_pad).to(loop.device)
 
 
 def train_step(loop: Loop, epoch_plan: EpochPlan, batch: int, sums: torch.Tensor) -> float:

@@ -24,9 +24,9 @@ from resnet.errors import UsageError
 
 # What a sweep may vary: optimisation and augmentation, never data, hardware or storage.
 TUNABLE = ("schedule", "lr", "warmup_frac", "final_lr_ratio", "weight_decay", "label_smoothing",
-           "batch_size", "momentum", "cutout", "augment", "optimizer", "bn_momentum", "ema", "tta",
-           "bn_bias_decay", "bn_lr_scale", "lookahead_k", "lookahead_alpha", "flip", "tta_shift",
-           "dirac_init")
+           "batch_size", "momentum", "crop_pad", "cutout", "augment", "optimizer", "bn_momentum",
+           "ema", "tta", "bn_bias_decay", "bn_lr_scale", "lookahead_k", "lookahead_alpha", "flip",
+           "tta_shift", "dirac_init")
 # grid: every value, each combined with every other grid key (x --samples); the rest are sampled.
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from resnet.augment import plan_epoch
+from resnet.augment import augment, plan_epoch
 from resnet.checkpoint import export_model
 from resnet.config import make_config
 from resnet.errors import UsageError
@@ -66,6 +66,21 @@ def test_alternating_flip_mirrors_each_image_on_alternate_epochs():
     random = [plan_epoch(1000, 0, epoch, "crop") for epoch in range(2)]
     assert not torch.equal(random[0].flip, ~random[1].flip)  # the default draws afresh
     assert not plan_epoch(10, 0, 1, "none", flip="alternate").flip.any()
+
+
+def test_crop_pad_bounds_the_shifts_and_reaches_them():
+    for pad in (0, 2, 4):
+        shift = plan_epoch(5000, 0, 1, "crop", pad=pad).shift
+        assert shift.abs().max().item() == pad and set(shift.unique().tolist()) == set(
+            float(v) for v in range(-pad, pad + 1))
+    x = torch.arange(32.0).repeat(1, 3, 32, 1).to(torch.uint8)  # 1 x 3 x 32 x 32, value = column
+    plan = plan_epoch(1, 0, 0, "crop", pad=2)
+    plan.shift[:] = torch.tensor([[2.0, 0.0]])
+    plan.flip[:] = False
+    out = augment(x, torch.tensor([0]), plan, "crop") * 255
+    assert out[0, 0, 0, :3].tolist() == [2.0, 3.0, 4.0] and out[0, 0, 0, -2:].tolist() == [0, 0]
+    with pytest.raises(UsageError, match="--crop-pad must be 0-8"):
+        make_config("fast", crop_pad=9)
 
 
 def test_translate_tta_averages_six_views_and_exports_as_one_model():
