@@ -185,6 +185,9 @@ class TrainConfig:
             _check(epoch >= 1 and factor > 0,
                    f"milestone {epoch}:{factor} must have an epoch >= 1 and a factor > 0")
         _check(0 <= self.crop_pad <= 8, f"--crop-pad must be 0-8 pixels, got {self.crop_pad}")
+        _check(self.augment == "crop" or self.crop_pad == TrainConfig.crop_pad,
+               f"--crop-pad is the padding of --augment crop; with --augment {self.augment} "
+               "leave it out")
         _check(0 <= self.cutout <= 32, f"--cutout must be 0-32 pixels, got {self.cutout}")
         _check(self.val_size >= 1, f"--val-size must be at least 1, got {self.val_size}")
         _check(self.subset is None or self.subset >= 1, f"--subset must be positive, got {self.subset}")

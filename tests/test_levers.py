@@ -81,6 +81,8 @@ def test_crop_pad_bounds_the_shifts_and_reaches_them():
     assert out[0, 0, 0, :3].tolist() == [2.0, 3.0, 4.0] and out[0, 0, 0, -2:].tolist() == [0, 0]
     with pytest.raises(UsageError, match="--crop-pad must be 0-8"):
         make_config("fast", crop_pad=9)
+    with pytest.raises(UsageError, match="--crop-pad is the padding of --augment crop"):
+        make_config("keras", crop_pad=2)
 
 
 def test_translate_tta_averages_six_views_and_exports_as_one_model():

@@ -103,6 +103,12 @@ def test_the_tricks_space_file_is_a_full_factorial_around_the_fast_recipe():
     assert (space["schedule"], space["lr"], space["batch_size"]) == ("onecycle", 0.2, 256)
 
 
+def test_the_levers_space_file_crosses_the_five_training_levers():
+    space = load_space(str(ROOT / "jobs" / "spaces" / "levers.yaml"), "sgd")
+    assert grid_size(space) == 32 and space["crop_pad"] == {"grid": [4, 2]}
+    assert (space["schedule"], space["lr"], space["batch_size"]) == ("onecycle", 0.2, 256)
+
+
 def test_pbt_perturbs_a_grid_or_choice_as_a_list_and_a_fixed_lr_within_4x():
     from ray.tune.search.sample import Domain
 
