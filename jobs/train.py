@@ -61,7 +61,7 @@ def build_parser() -> OneLineParser:
                      f"(onecycle, cosine; default {D.final_lr_ratio})")
     opt.add_argument("--milestones", type=parse_milestones_arg, help="step schedule: 1-based "
                      "epoch:factor pairs, e.g. 10:0.5,20:0.5 (from epoch 10 the LR is halved)")
-    opt.add_argument("--augment", choices=AUGMENTS, help="crop: pad 4 + random crop + flip; "
+    opt.add_argument("--augment", choices=AUGMENTS, help="crop: pad (--crop-pad) + random crop + flip; "
                      f"keras: 0.1 shifts with nearest fill + flip (default {D.augment})")
     opt.add_argument("--crop-pad", type=int, help="crop: zero padding in pixels, the largest "
                      f"shift each way (default {D.crop_pad})")

@@ -67,7 +67,7 @@ class TrainConfig:
     # epochs past the list keep its last entry. Empty: the LR above, the whole run.
     lr_by_epoch: tuple[tuple[float, float, float], ...] = ()
     # Augmentation, drawn per epoch from (seed, epoch).
-    augment: str = "crop"  # crop: 4-pixel pad + crop + flip; keras: 0.1 shifts, nearest fill + flip
+    augment: str = "crop"  # crop: pad, crop and flip; keras: 0.1 shifts, nearest fill, flip
     # crop's zero padding in pixels, hence its largest shift: a random crop moves an image by up
     # to this many pixels each way (4 is the ResNet paper's; airbench's short runs use 2).
     crop_pad: int = 4
