@@ -109,6 +109,13 @@ def test_the_levers_space_file_crosses_the_five_training_levers():
     assert (space["schedule"], space["lr"], space["batch_size"]) == ("onecycle", 0.2, 256)
 
 
+def test_the_batch_space_file_crosses_batch_size_with_peak_lr():
+    space = load_space(str(ROOT / "jobs" / "spaces" / "batch.yaml"), "sgd")
+    assert grid_size(space) == 16 and space["crop_pad"] == 2
+    assert space["batch_size"] == {"grid": [128, 256, 512, 1024]}
+    assert space["lr"] == {"grid": [0.1, 0.2, 0.4, 0.8]}
+
+
 def test_pbt_perturbs_a_grid_or_choice_as_a_list_and_a_fixed_lr_within_4x():
     from ray.tune.search.sample import Domain
 
