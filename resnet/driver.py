@@ -252,6 +252,7 @@ def write_outputs(config: TrainConfig, dataset: Dataset, splits: Splits,
         "epochs_completed": len(history),
         "best_val_acc": best_metrics["val_acc"],
         "best_epoch": best_metrics["epoch"],
+        "final_val_acc": history[-1]["val_acc"],  # the last epoch's, beside the best
         "target_acc": TARGET_ACC,
         "first_epoch_at_target": at_target[0] if at_target else None,
         "test_acc": final["test_acc"],
@@ -284,7 +285,8 @@ def ranks_of(row: dict[str, Any]) -> list[dict[str, Any]]:
 def print_summary(summary: dict[str, Any]) -> None:
     target = summary["first_epoch_at_target"]
     print(f"best val_acc {summary['best_val_acc']:.4f} at epoch {summary['best_epoch']} of "
-          f"{summary['epochs_completed']} ({summary['status']}); "
+          f"{summary['epochs_completed']}, final {summary['final_val_acc']:.4f} "
+          f"({summary['status']}); "
           + (f"passed {summary['target_acc']:.2f} at epoch {target}" if target else
              f"did not reach {summary['target_acc']:.2f}")
           + (f"; test_acc {summary['test_acc']:.4f}" if summary["test_acc"] is not None else ""),

@@ -83,7 +83,8 @@ def render_html(analysis: Analysis, images: dict[str, bytes], notes: dict[str, s
         target = sweep.get("target", TARGET_ACC)
         parts.append(f"<p><b>Best:</b> trial {_e(winner['trial'])}, "
                      f"{_e(analysis.metric)} {winner[f'best_{analysis.metric}']:.4f} at epoch "
-                     f"{winner['best_epoch']}. Target val_acc {target:g}: "
+                     f"{winner['best_epoch']} (final epoch "
+                     f"{winner[f'final_{analysis.metric}']:.4f}). Target val_acc {target:g}: "
                      + (f"first reached by trial {_e(hit['trial_id'])} at epoch {hit['epoch']}."
                         if hit else "not reached.") + "</p>")
     parts.append(f"<h2>Trials{f' (top {top})' if top else ''}</h2>")

@@ -157,8 +157,9 @@ def first_at_target(trials: pd.DataFrame, target: float) -> dict[str, Any] | Non
 
 def per_trial(trials: pd.DataFrame, target: float, configs: dict[str, TrainConfig] | None = None,
               metric: str = "val_acc") -> pd.DataFrame:
-    """One row per trial: key hyperparameters, best ``metric`` (lowest for a loss) and its
-    epoch, first epoch at the val_acc target, wall time and CPU/GPU-seconds; best first."""
+    """One row per trial: key hyperparameters, best ``metric`` (lowest for a loss), its epoch and
+    the last epoch's value, first epoch at the val_acc target, wall time and CPU/GPU-seconds;
+    best first."""
     lower = metric_mode(metric) == "min"
     rows = []
     first = first_epochs(trials, target)
@@ -179,6 +180,9 @@ def per_trial(trials: pd.DataFrame, target: float, configs: dict[str, TrainConfi
             **{key: head[f"config/{key}"] for key in TABLE_KEYS if key != "schedule"},
             f"best_{metric}": float(top[metric]) if top is not None else math.nan,
             "best_epoch": int(top["epoch"]) if top is not None else None,
+            # Beside the best: a trial that ends at its best is the one to trust (issue 17).
+            f"final_{metric}": float(scored.sort_values("epoch", kind="stable")[metric].iloc[-1])
+            if len(scored) else math.nan,
             "first_at_target": first[trial_id],
             "epochs": int(scored["epoch"].max()) if len(scored) else 0,
             "wall_s": round(wall, 1),

@@ -193,10 +193,13 @@ def finish(sweep: SweepConfig, base: TrainConfig, splits: Splits, results: Sweep
             storage.write_bytes(storage.join(exp_dir, "gradcam", filename), data)
         gradcam_files = sorted(files)
     counts = results.trials.drop_duplicates("trial_id")["status"].value_counts().to_dict()
+    table = per_trial(results.trials, sweep.target, results.configs).set_index("trial")
     return {
         "sweep": exp_dir, "profile": sweep.profile,
         "best_trial": best["trial_id"], "best_val_acc": best["val_acc"],
         "best_epoch": best["epoch"], "best_checkpoint": best["checkpoint_path"],
+        # The best trial's last epoch, beside its best: one that ends at its best is trusted.
+        "best_trial_final_val_acc": float(table.loc[best["trial_id"], "final_val_acc"]),
         "best_config": winner.to_dict(),
         "target_acc": sweep.target, "target_reached": results.first_at_target is not None,
         "first_at_target": results.first_at_target,
@@ -204,7 +207,7 @@ def finish(sweep: SweepConfig, base: TrainConfig, splits: Splits, results: Sweep
         "test_acc": final["test_acc"], "test_loss": final["test_loss"],
         "trials": {status: int(counts.get(status, 0))
                    for status in ("completed", "early-stopped", "diverged", "failed")},
-        "time": time_split(per_trial(results.trials, sweep.target, results.configs)),
+        "time": time_split(table),
         "model_export": storage.join(exp_dir, "best", "model.pt2"),
         "schedule": storage.join(exp_dir, "best", "schedule.json"),
         "gradcam": [storage.join(exp_dir, "gradcam", f) for f in gradcam_files],

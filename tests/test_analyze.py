@@ -34,7 +34,8 @@ def test_table_puts_the_sweeps_winner_first(analysed, sweep):
     lines = analysed["proc"].stdout.splitlines()
     header, first = lines[0].split(), lines[1].split()
     assert header[:3] == ["trial", "status", "recipe"]
-    assert {"best_val_acc", "best_epoch", "first_at_target", "wall_s", "cpu_s", "gpu_s"} <= set(header)
+    assert {"best_val_acc", "best_epoch", "final_val_acc", "first_at_target", "wall_s", "cpu_s",
+            "gpu_s"} <= set(header)
     assert first[0] == analysed["summary"]["best_trial"]
     assert len(lines) >= 4 and "partial" not in analysed["proc"].stdout
 

@@ -42,6 +42,9 @@ def test_train_job_two_cpu_workers_on_a_real_subset(shared_archive, tmp_path):
     metrics = pd.read_parquet(run_dir / "metrics.parquet")
     assert metrics["epoch"].tolist() == [1, 2]
     assert summary["best_val_acc"] == metrics["val_acc"].max() > 0.25
+    # The last epoch's val_acc beside the best, in summary.json and in the closing line.
+    assert summary["final_val_acc"] == metrics["val_acc"].iloc[-1]
+    assert f"of 2, final {summary['final_val_acc']:.4f} (completed)" in proc.stdout
     # Two ranks really ran, each in its own process: what the workers saw, not the config echoed.
     assert metrics["world_size"].tolist() == [2, 2] and len(summary["placement"]) == 2
     assert len({rank["pid"] for rank in summary["placement"]}) == 2

@@ -43,6 +43,18 @@ def test_a_tie_goes_to_the_later_epoch_whose_checkpoint_ray_kept(tmp_path):
     assert per_trial(trials, 0.88).iloc[0]["best_epoch"] == 3
 
 
+def test_each_trial_reports_its_final_epoch_beside_its_best(tmp_path):
+    # A trial that peaked at epoch 2 and ended lower, its rows out of order (as a resume leaves
+    # them): the final value is the last epoch's, not the last row's nor the best.
+    trials = table(tmp_path, [("a", 1, 0.5, "completed"), ("a", 3, 0.6, "completed"),
+                              ("a", 2, 0.7, "completed"), ("b", 1, 0.4, "completed")])
+    rows = per_trial(trials, 0.88).set_index("trial")
+    assert (rows.loc["a", "best_val_acc"], rows.loc["a", "best_epoch"]) == (0.7, 2)
+    assert rows.loc["a", "final_val_acc"] == 0.6 and rows.loc["b", "final_val_acc"] == 0.4
+    loss = per_trial(trials.assign(val_loss=[0.9, 0.8, 0.7, 1.0]), 0.88, metric="val_loss")
+    assert loss.set_index("trial").loc["a", "final_val_loss"] == 0.8  # epoch 3's row
+
+
 def test_the_winner_is_never_a_checkpoint_that_is_gone(tmp_path):
     # The highest val_acc's checkpoint was lost: the best one that exists wins instead.
     trials = table(tmp_path, [("a", 1, 0.5, "completed"), ("a", 2, 0.4, "completed"),

@@ -67,6 +67,9 @@ def test_sweep_finds_the_best_trial_and_explains_it(sweep, shared_archive):
     state = load_state(summary["best_checkpoint"])
     assert state["epoch"] == summary["best_epoch"]
     assert state["history"][-1]["val_acc"] == summary["best_val_acc"]
+    # Beside the best, the winner's last epoch (its final val_acc).
+    last = trials[trials["trial_id"] == summary["best_trial"]].sort_values("epoch").iloc[-1]
+    assert summary["best_trial_final_val_acc"] == last["val_acc"]
     from resnet.data import load_splits
     _, splits = load_splits(str(shared_archive), 500, 1000, 0)
     x = torch.tensor(splits.val_x[:16]).float() / 255
