@@ -30,29 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         if args.top is not None and args.top < 1:
             raise UsageError(f"--top must be at least 1, got {args.top}")
-        import pandas as pd
-
-        from resnet import storage
-        from resnet.analysis import open_experiment
-        from resnet.report import write_analysis
-        from resnet.results import time_split
+        from resnet.infra import storage
+        from resnet.report.analysis import open_experiment, print_analysis
+        from resnet.report.html import write_analysis
         analysis = open_experiment(args.experiment, args.metric)
         out = args.out or storage.join(analysis.exp_dir, "analysis")
         written = write_analysis(analysis, storage.absolute(out), args.top)
-        table = analysis.table.head(args.top) if args.top else analysis.table
-        with pd.option_context("display.width", 200, "display.max_columns", 30,
-                               "display.float_format", "{:.4g}".format):
-            print(table.to_string(index=False))
-        split = time_split(analysis.table)
-        if split["train_share"] is not None:
-            print(f"trial time: {split['trial_s']:.0f}s, of which {split['train_s']:.0f}s in epochs "
-                  f"({split['train_share']:.0%}) and {split['startup_s']:.0f}s in start-up and "
-                  "reporting")
-        if analysis.partial:
-            print("partial results: the sweep is still running (or was interrupted)")
-        if "confusion.png" not in written["files"]:
-            print(f"no confusion matrix: {written['notes']['confusion.png']}")
-        print(f"wrote {', '.join(sorted(written['files']))} to {out}")
+        print_analysis(analysis, written, out, args.top)
         return 0
 
     return run_main("jobs.analyze", run)

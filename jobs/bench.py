@@ -47,13 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         from dataclasses import replace
 
-        from resnet import storage
-        from resnet.bench import BenchConfig, print_table, run_bench
-        from resnet.provenance import provenance
+        from resnet.bench.tables import BenchConfig, print_table, run_bench
+        from resnet.infra import storage
+        from resnet.infra.provenance import provenance
         if args.budget is not None and not (args.gpu_check and args.budget > 0):
             raise UsageError("--budget needs --gpu-check and a positive number of seconds")
         if args.gpu_check:
-            from resnet.gpucheck import GpuCheck, run_check
+            from resnet.bench.gpucheck import GpuCheck, run_check
             check = GpuCheck(data=args.data, smoke=args.smoke,
                              **({"budget_s": args.budget} if args.budget else {}))
             results = run_check(check, on_table=print_table)

@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def run() -> int:
-        from resnet.gradcam import explain_checkpoint  # imports torch: after parsing
+        from resnet.report.gradcam import (
+            explain_checkpoint,  # imports torch: after parsing
+        )
         written = explain_checkpoint(args.checkpoint, args.data, args.images, args.out, args.method)
         print(f"wrote {len(written)} files to {args.out}: {', '.join(written[:3])}, ...")
         return 0

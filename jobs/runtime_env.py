@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     build_parser().parse_args(argv)
 
     def run() -> int:
-        from resnet.provenance import submit_runtime_env
+        from resnet.infra.provenance import submit_runtime_env
         print(submit_runtime_env())
         return 0
 

@@ -5,11 +5,21 @@ from __future__ import annotations
 import argparse
 import sys
 
-from resnet.config import (AUGMENTS, FLIPS, MODELS, OPTIMIZERS, PLACEMENTS, PRESETS,
-                           SCHEDULES, TrainConfig, make_config, parse_milestones)
-from resnet.console import quiet
+from resnet.config import (
+    AUGMENTS,
+    FLIPS,
+    MODELS,
+    OPTIMIZERS,
+    PLACEMENTS,
+    PRESETS,
+    SCHEDULES,
+    TrainConfig,
+    make_config,
+    parse_milestones,
+)
 from resnet.errors import OneLineParser, UsageError, run_main
-from resnet.replay import read_schedule
+from resnet.infra.console import hidden_note, quiet
+from resnet.tune.replay import read_schedule
 
 D = TrainConfig()  # dataclass defaults, shown in --help; a preset may change them
 
@@ -165,14 +175,16 @@ def parse_milestones_arg(text: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from resnet import timing  # no heavy imports: marks when this job began, for jobs.bench
+    from resnet.infra import timing  # no heavy imports: marks when this job began, for jobs.bench
     timing.mark("main")
     args = vars(build_parser().parse_args(argv))
     verbose = args.pop("verbose")
     filters = quiet(verbose) if argv is None else []  # before Ray is imported
 
     def run() -> int:
-        from resnet.driver import train_driver_fn  # imports Ray and torch: after parsing
+        from resnet.train.driver import (
+            train_driver_fn,  # imports Ray and torch: after parsing
+        )
         schedule = args.pop("lr_schedule")
         recipe = read_schedule(schedule) if schedule else {}
         preset = args.pop("preset")
@@ -183,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = train_driver_fn(config)
         return 0 if summary["epochs_completed"] else 1
 
-    return run_main("jobs.train", run, standalone=argv is None, filters=filters)
+    return run_main("jobs.train", run, standalone=argv is None,
+                    closing_note=lambda: hidden_note(filters))
 
 
 if __name__ == "__main__":

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import sys
 
-from jobs.train import (add_compile_flag, add_device_flags, add_eval_variants_flag,
-                        add_verbose_flag)
+from jobs.train import (
+    add_compile_flag,
+    add_device_flags,
+    add_eval_variants_flag,
+    add_verbose_flag,
+)
 from resnet.config import CAM_METHODS, MODELS, OPTIMIZERS
-from resnet.console import quiet
 from resnet.errors import OneLineParser, run_main
+from resnet.infra.console import hidden_note, quiet
 
 SWEEP_KEYS = ("samples", "target", "scheduler", "search", "grace_period",
               "perturbation_interval", "max_concurrent", "space", "keras_trial",
@@ -86,8 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     filters = quiet(verbose) if argv is None else []  # before Ray is imported
 
     def run() -> int:
-        from resnet.sweep import make_sweep  # imports Ray and torch: after parsing
-        from resnet.tune import run_sweep
+        from resnet.sweep import run_sweep
+        from resnet.tune.settings import (
+            make_sweep,  # imports Ray and torch: after parsing
+        )
         sweep_flags = {k: args.pop(k) for k in SWEEP_KEYS}
         sweep_flags["resume"] = sweep_flags["resume"] or None
         run_sweep(make_sweep(args, sweep_flags))
@@ -95,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
     return run_main("jobs.tune", run, resume_hint="run the same command with --resume to "
                     "continue from the latest checkpoints", standalone=argv is None,
-                    filters=filters)
+                    closing_note=lambda: hidden_note(filters))
 
 
 if __name__ == "__main__":

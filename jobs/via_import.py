@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def run() -> int:
-        from resnet.via import import_via, print_summary
+        from resnet.data.via import import_via, print_summary
         summary = import_via(args.csv, args.images, args.attribute, args.out, args.size,
                              args.val_fraction, args.seed)
         print_summary(summary, args.out)

@@ -16,7 +16,7 @@ SCHEDULES = ("onecycle", "cosine", "step")
 AUGMENTS = ("crop", "keras", "none")
 FLIPS = ("random", "alternate")
 PLACEMENTS = ("pack", "spread", "strict-spread")
-# The grad-cam package's methods offered by --gradcam-method / --method (resnet/gradcam.py).
+# The grad-cam package's methods offered by --gradcam-method / --method (resnet/report/gradcam.py).
 CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam",
                "eigengradcam", "elementwise", "scorecam", "ablationcam")
 TARGET_ACC = 0.88  # the accuracy the project aims to pass; summary.json records when it was

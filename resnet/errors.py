@@ -37,18 +37,18 @@ RESUME_HINT = "run the same command again to resume from the latest checkpoint"
 
 
 def run_main(prog: str, fn: Callable[[], int | None], resume_hint: str = RESUME_HINT,
-             standalone: bool = False, filters: list | None = None) -> int:
+             standalone: bool = False, closing_note: Callable[[], str | None] | None = None
+             ) -> int:
     """Run a job's main function; map expected failures to one line and an exit code.
     ``resume_hint``: how to continue after Ctrl-C (SIGINT). ``standalone``: this process is the
     job (``python -m``, not a call from Python), so its Ray is stopped before the line is
-    printed: Ray's processes log as they stop, and the line must come last. ``filters``: the
-    console's (resnet/console.py), to say how much of Ray's logging they kept off the screen."""
+    printed: Ray's processes log as they stop, and the line must come last. ``closing_note``:
+    a line printed before the last one (the console's: how much of Ray's logging it kept off
+    the screen, ``resnet/infra/console.py``)."""
     def note() -> None:
-        if filters:
-            from resnet.console import hidden_note
-            line = hidden_note(filters)
-            if line:
-                print(line, file=sys.stderr, flush=True)
+        line = closing_note() if closing_note else None
+        if line:
+            print(line, file=sys.stderr, flush=True)
 
     def fail(line: str, code: int) -> int:
         note()

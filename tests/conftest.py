@@ -58,7 +58,7 @@ def ray_local():
     """A real local Ray cluster on loopback, shared by the integration tests."""
     import ray
 
-    from resnet.cluster import connect_ray
+    from resnet.infra.cluster import connect_ray
     connect_ray()
     yield ray
     ray.shutdown()

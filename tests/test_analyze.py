@@ -39,7 +39,7 @@ def test_table_puts_the_sweeps_winner_first(analysed, sweep):
     assert first[0] == analysed["summary"]["best_trial"]
     assert len(lines) >= 4 and "partial" not in analysed["proc"].stdout
 
-    from resnet.analysis import best_trial, load_trials, open_experiment
+    from resnet.report.analysis import best_trial, load_trials, open_experiment
     best = best_trial(str(sweep["dir"]))
     assert best.iloc[0]["trial"] == analysed["summary"]["best_trial"]
     assert best.iloc[0]["best_val_acc"] == analysed["summary"]["best_val_acc"]

@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from resnet.augment import apply_cutout, augment, plan_epoch
+from resnet.train.augment import apply_cutout, augment, plan_epoch
 
 
 def _images(n: int, seed: int = 0) -> torch.Tensor:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from resnet.checkpoint import export_model, save_state
+from resnet.train.checkpoint import export_model, save_state
 from resnet.config import make_config
 from resnet.models import build_model
 from tests.conftest import ROOT

@@ -12,7 +12,7 @@ import torch
 
 from resnet.config import make_config
 from resnet.data import load_splits
-from resnet.steps import VAL_SHARE, compare, interleaved
+from resnet.bench.compare import VAL_SHARE, compare, interleaved
 from tests.conftest import run_job
 
 

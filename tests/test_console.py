@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from resnet.console import NOISE as PATTERNS
-from resnet.console import QuietStream
+from resnet.infra.console import NOISE as PATTERNS
+from resnet.infra.console import QuietStream
 from tests.conftest import run_job
 
 NOISE = """\

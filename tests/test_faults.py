@@ -14,9 +14,9 @@ import threading
 import pandas as pd
 import pytest
 
-from resnet.checkpoint import load_state
+from resnet.train.checkpoint import load_state
 from resnet.config import make_config
-from resnet.driver import train_driver_fn
+from resnet.train.driver import train_driver_fn
 from tests.conftest import ROOT, descendants, reap, reported_epoch, wait_for
 
 

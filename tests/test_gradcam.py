@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from resnet.checkpoint import export_model, inference_model, model_from_state, save_state
+from resnet.train.checkpoint import export_model, inference_model, model_from_state, save_state
 from resnet.config import make_config
 from resnet.data.sources import CIFAR10_CLASSES
 from resnet.errors import UsageError
-from resnet.gradcam import explain_checkpoint, gradcam_files, pick_images
+from resnet.report.gradcam import explain_checkpoint, gradcam_files, pick_images
 from resnet.models import build_model
 
 

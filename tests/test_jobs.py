@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from resnet.checkpoint import inference_model, load_state
+from resnet.train.checkpoint import inference_model, load_state
 from resnet.data import load_splits
 from tests.conftest import run_job
 

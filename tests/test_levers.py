@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from resnet.augment import augment, plan_epoch
-from resnet.checkpoint import export_model
+from resnet.train.augment import augment, plan_epoch
+from resnet.train.checkpoint import export_model
 from resnet.config import make_config
 from resnet.errors import UsageError
-from resnet.lookahead import Lookahead
-from resnet.loop import make_optimizer, param_groups
+from resnet.train.lookahead import Lookahead
+from resnet.train.loop import make_optimizer, param_groups
 from resnet.models import FlipTTA, build_model, keras_param_count
 
 
@@ -129,7 +129,7 @@ def test_dirac_init_makes_the_residual_convs_identity_and_keeps_the_architecture
 
 
 def test_levers_are_search_space_keys(tmp_path):
-    from resnet.space import load_space
+    from resnet.tune.space import load_space
     path = tmp_path / "levers.yaml"
     path.write_text("bn_lr_scale: {grid: [1.0, 16.0]}\nlookahead_k: {choice: [0, 5]}\n"
                     "flip: alternate\ntta_shift: 1\ndirac_init: true\nlabel_smoothing: 0.2\n")

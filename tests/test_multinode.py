@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import torch
 
-from resnet.checkpoint import load_state
+from resnet.train.checkpoint import load_state
 from tests.conftest import (LOOPBACK, ROOT, descendants, listening_sockets, pid_alive, reap,
                             reported_epoch, wait_for)
 

@@ -8,8 +8,8 @@ import math
 import pandas as pd
 import pytest
 
-from resnet.checkpoint import CHECKPOINT_FILE
-from resnet.results import best_row, first_at_target, first_epochs, metric_mode, per_trial
+from resnet.train.checkpoint import CHECKPOINT_FILE
+from resnet.tune.results import best_row, first_at_target, first_epochs, metric_mode, per_trial
 
 
 def table(tmp_path, rows, kept=None):

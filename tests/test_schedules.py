@@ -3,7 +3,7 @@
 import pytest
 
 from resnet.config import make_config
-from resnet.schedules import cosine, make_schedule, onecycle, step_decay
+from resnet.train.schedules import cosine, make_schedule, onecycle, step_decay
 
 KW = dict(total_steps=100, peak_lr=0.2, warmup_frac=0.1, final_lr_ratio=0.05)
 

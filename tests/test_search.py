@@ -9,9 +9,9 @@ import json
 import pandas as pd
 import pytest
 
-from resnet.checkpoint import load_state, weights_digest
+from resnet.train.checkpoint import load_state, weights_digest
 from resnet.config import make_config
-from resnet.replay import read_schedule
+from resnet.tune.replay import read_schedule
 from tests.conftest import run_job
 from tests.test_faults import interrupt
 
@@ -67,7 +67,7 @@ def test_a_pbt_clone_starts_from_its_donors_weights(pbt):
 
 
 def test_the_winners_schedule_replays_epoch_by_epoch(pbt, shared_archive, tmp_path):
-    from resnet.driver import train_driver_fn
+    from resnet.train.driver import train_driver_fn
     summary = json.loads((pbt / "summary.json").read_text())
     schedule = json.loads((pbt / "best" / "schedule.json").read_text())
     assert schedule["trial_id"] == summary["best_trial"]

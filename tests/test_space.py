@@ -9,7 +9,7 @@ from ray import tune
 
 from resnet.config import make_config
 from resnet.errors import UsageError
-from resnet.space import grid_size, keras_point, load_space, to_tune, trial_config
+from resnet.tune.space import grid_size, keras_point, load_space, to_tune, trial_config
 from tests.conftest import ROOT
 
 
@@ -119,7 +119,7 @@ def test_the_batch_space_file_crosses_batch_size_with_peak_lr():
 def test_pbt_perturbs_a_grid_or_choice_as_a_list_and_a_fixed_lr_within_4x():
     from ray.tune.search.sample import Domain
 
-    from resnet.search import mutations
+    from resnet.tune.search import mutations
     grid = mutations({"lr": {"grid": [0.2, 1e-5]}, "momentum": {"choice": [0.9, 0.8]},
                       "weight_decay": {"loguniform": [1e-4, 1e-3]}})
     assert grid["lr"] == [1e-5, 0.2] and grid["momentum"] == [0.8, 0.9]

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from resnet import storage
+from resnet.infra import storage
 
 
 @pytest.mark.parametrize("uri", [False, True])

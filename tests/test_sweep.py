@@ -9,8 +9,8 @@ import pytest
 
 from resnet.config import make_config
 from resnet.errors import UsageError
-from resnet.space import load_space
-from resnet.sweep import SWEEP_FILE, SweepConfig, make_sweep, plan_resources, resume_sweep
+from resnet.tune.space import load_space
+from resnet.tune.settings import SWEEP_FILE, SweepConfig, make_sweep, plan_resources, resume_sweep
 
 GPU_NODE = {"CPU": 16.0, "GPU": 1.0, "memory": 1e11}
 
@@ -138,7 +138,7 @@ def test_the_profile_follows_the_clusters_gpus_and_flags_win():
 
 
 def test_hardware_is_filled_from_the_cluster_and_refused_when_it_cannot_fit():
-    from resnet.cluster import resolve_hardware
+    from resnet.infra.cluster import resolve_hardware
     config = make_config(num_workers=2)
     resolved = resolve_hardware(config, True, {"CPU": 8.0}, node_cpus=8)
     assert (resolved.use_gpu, resolved.cpus_per_worker) == (False, 4)  # the node's CPUs, shared

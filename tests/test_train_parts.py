@@ -6,7 +6,7 @@ import torch
 
 from resnet.config import make_config
 from resnet.models import build_model
-from resnet.loop import make_optimizer, param_groups
+from resnet.train.loop import make_optimizer, param_groups
 
 
 @pytest.mark.parametrize("bn_bias_decay", [True, False])
@@ -27,7 +27,7 @@ def test_weight_decay_skips_batchnorm_and_biases_when_asked(bn_bias_decay):
 
 
 def test_ema_warms_its_decay_up_then_caps_it():
-    from resnet.ema import EMA
+    from resnet.train.ema import EMA
     net = torch.nn.Linear(2, 1)
     ema = EMA(net, 0.9)
     w0 = net.weight.detach().clone()
@@ -50,7 +50,7 @@ def test_ema_equals_torchs_own_ema_once_its_decay_is_warmed_up():
     BatchNorm buffers included: the first update copies, then each moves by 1 - decay."""
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    from resnet.ema import EMA
+    from resnet.train.ema import EMA
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     ours = EMA(net, 0.9)
@@ -74,7 +74,7 @@ def test_ema_equals_torchs_own_ema_once_its_decay_is_warmed_up():
 def test_a_run_name_is_reused_only_by_the_same_run(cifar, tmp_path):
     import json
 
-    from resnet.driver import check_resumable
+    from resnet.train.driver import check_resumable
     from resnet.errors import UsageError
     config = make_config("fast", storage=str(tmp_path))
     run_dir = str(tmp_path / config.run_name)
@@ -98,7 +98,7 @@ def test_a_run_name_is_reused_only_by_the_same_run(cifar, tmp_path):
 
 
 def test_evaluation_runs_in_the_exported_models_precision():
-    from resnet.loop import EVAL_PRECISION, train_precision
+    from resnet.train.loop import EVAL_PRECISION, train_precision
     config = make_config("fast")
     # Training may use bf16 autocast on CUDA; val_acc and test_acc are fp32, as the export.
     assert train_precision(torch.device("cuda"), config) == "bf16"
@@ -139,7 +139,7 @@ def test_a_batch_larger_than_the_training_set_is_refused():
     import numpy as np
 
     from resnet.data import Splits
-    from resnet.driver import check_batch_fits
+    from resnet.train.driver import check_batch_fits
     from resnet.errors import UsageError
     splits = Splits(("a", "b"), np.zeros((100, 3, 32, 32), np.uint8), np.zeros(100, np.int64),
                     np.zeros((10, 3, 32, 32), np.uint8), np.zeros(10, np.int64))

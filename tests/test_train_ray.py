@@ -9,14 +9,14 @@ import pandas as pd
 import pytest
 import torch
 
-from resnet.checkpoint import inference_model, load_state, model_from_state
+from resnet.train.checkpoint import inference_model, load_state, model_from_state
 from resnet.config import make_config
 from resnet.data import load_splits
-from resnet.cluster import check_shared_storage
-from resnet.driver import train_driver_fn
+from resnet.infra.cluster import check_shared_storage
+from resnet.train.driver import train_driver_fn
 from resnet.errors import UsageError
 from resnet.models import build_model
-from resnet.loop import evaluate
+from resnet.train.loop import evaluate
 from tests.conftest import LOOPBACK, descendants, listening_sockets
 
 pytestmark = pytest.mark.ray
@@ -139,7 +139,7 @@ def test_tied_val_acc_the_best_epoch_export_and_test_acc_agree(ray_local, cifar,
 def test_an_error_inside_a_ray_task_reaches_the_user_as_one_line(ray_local, tmp_path, capsys):
     import ray.train
 
-    from resnet.driver import finalize_best
+    from resnet.train.driver import finalize_best
     from resnet.errors import run_main
     gone = ray.train.Checkpoint(str(tmp_path / "epoch_0001"))  # deleted, as by Ray
 

@@ -11,13 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from resnet.checkpoint import inference_model, load_state
+from resnet.train.checkpoint import inference_model, load_state
 from tests.conftest import run_job
 
 
 @pytest.mark.ray
 def test_cpu_profile_fills_only_what_was_not_given(ray_local):
-    from resnet.sweep import make_sweep
+    from resnet.tune.settings import make_sweep
     sweep = make_sweep({"model": "resnet20"}, {})
     assert sweep.profile == "cpu" and (sweep.samples, sweep.keras_trial) == (1, False)
     assert (sweep.base.epochs, sweep.base.subset, sweep.base.val_size) == (3, 4000, 2000)
@@ -97,7 +97,7 @@ def test_sweep_finds_the_best_trial_and_explains_it(sweep, shared_archive):
 
     # The console: one line per epoch per trial without Ray's process prefix, none of Ray's
     # known noise, and it ends with the per-trial table, the target line and what to look at.
-    from resnet.console import NOISE
+    from resnet.infra.console import NOISE
     console = proc.stdout + proc.stderr
     assert not [line for line in console.splitlines() if any(p.search(line) for p in NOISE)]
     assert any(line.startswith(f"[{hit['trial_id']}] Epoch 2/2 - ") for line in console.splitlines())

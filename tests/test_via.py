@@ -16,7 +16,7 @@ from PIL import Image
 import torch
 
 from jobs.via_import import main
-from resnet.via import CSV_COLUMNS, import_via
+from resnet.data.via import CSV_COLUMNS, import_via
 from tests.conftest import run_job
 
 SHARED_EXPORT = Path(__file__).resolve().parents[2] / "shared" / "data" / "via" / \
@@ -230,7 +230,7 @@ def test_train_and_gradcam_on_an_imported_tree(shared_export, tmp_path):
 
 
 def test_class_names_become_safe_folder_names(tmp_path):
-    from resnet.via import safe
+    from resnet.data.via import safe
     assert [safe(n) for n in ("cat/dog", "a\\b", "..", ".hidden", "../../etc")] == \
         ["cat_dog", "a_b", "_", "hidden", "_.._etc"]
     images = tmp_path / "images"

@@ -2,12 +2,12 @@
 itself (at most ``budget_s``, 8 minutes by default). Run it first whenever a GPU machine is at hand.
 
 1. seconds per epoch of the fast preset for resnet20 and resnet18 (bf16, channels_last),
-   ``torch.compile`` off and on, and samples/s against the bare loop (``resnet/steps.py``);
+   ``torch.compile`` off and on, and samples/s against the bare loop (``resnet/bench/compare.py``);
 2. wall seconds from the command to 88% val_acc: ``python -m jobs.train --preset fast`` (resnet20)
    and resnet18 with the fast recipe at fewer epochs, start-up included, stopped at the target;
 3. aggregate samples/s of k trials packed on one GPU (``--gpus-per-worker 1/k``) against one,
    and the GPU memory each used;
-4. start-up phases on that machine (``resnet/startup.py``).
+4. start-up phases on that machine (``resnet/bench/startup.py``).
 
 Each part has its share of the budget; a part that cannot fit is reported as not run. On a CPU
 (``--smoke``) every part runs at tiny sizes, so CI keeps the code working.
@@ -27,13 +27,13 @@ from typing import Any, Callable
 
 import ray
 
-from resnet.checkpoint import load_state
+from resnet.bench.compare import VAL_SHARE, compare_task
+from resnet.bench.startup import bench_startup
 from resnet.config import TARGET_ACC, make_config
 from resnet.data import load_splits
-from resnet.cluster import connect_ray
-from resnet.driver import make_trainer
-from resnet.startup import bench_startup
-from resnet.steps import VAL_SHARE, compare_task
+from resnet.infra.cluster import connect_ray
+from resnet.train.checkpoint import load_state
+from resnet.train.driver import make_trainer
 
 FULL_TRAIN = 45000  # the fast preset's training images: seconds per epoch = FULL_TRAIN / rate
 

@@ -1,6 +1,6 @@
 """Start-up of ``python -m jobs.train``, phase by phase, against a bare no-op ``TorchTrainer``
 started the same way in the same run (Ray's own share), from the timing marks of
-``resnet/timing.py``. Each process is stopped at its first step: what comes after is training."""
+``resnet/infra/timing.py``. Each process is stopped at its first step: what comes after is training."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from resnet.data import load_dataset
-from resnet.timing import read_marks
+from resnet.infra.timing import read_marks
 
 PHASES = (  # (column, from mark, to mark)
     ("interpreter_s", "launch", "main"),  # Python start-up and argument parsing
@@ -33,11 +33,11 @@ PHASES = (  # (column, from mark, to mark)
 # own (an embedded Ray on loopback), with the same marks. It has no data to load.
 NOOP_TRAINER = """
 import sys
-from resnet import timing
+from resnet.infra import timing
 timing.mark("main")
 import ray.train
 from ray.train.torch import TorchTrainer
-from resnet.cluster import connect_ray
+from resnet.infra.cluster import connect_ray
 timing.mark("data_start")
 timing.mark("data_done")
 timing.mark("ray_start")
@@ -45,7 +45,7 @@ connect_ray()
 timing.mark("ray_ready")
 
 def noop(config):
-    from resnet import timing
+    from resnet.infra import timing
     timing.mark("worker_start")
     timing.mark("first_step")
 

@@ -1,10 +1,10 @@
 """Benchmarks: where training time goes, as ratios of two sides measured alike in one run.
 
-1. the project's training step and whole epoch against a bare PyTorch loop (``resnet/steps.py``),
+1. the project's training step and whole epoch against a bare PyTorch loop (``resnet/bench/compare.py``),
    with a breakdown of what each extra costs per step;
 2. data feeding: batched on-device augmentation against torchvision transforms + DataLoader;
 3. start-up of ``python -m jobs.train``, cold and warm cache, against a no-op TorchTrainer
-   (``resnet/startup.py``);
+   (``resnet/bench/startup.py``);
 4. memory layout, precision and ``torch.compile`` (compile seconds, cold and warm cache);
 5. two 1-CPU workers against one 2-CPU worker on this machine.
 """
@@ -21,15 +21,22 @@ import numpy as np
 import ray
 import torch
 
-from resnet.augment import augment, plan_epoch
-from resnet.checkpoint import load_state
+from resnet.bench.compare import (
+    VAL_SHARE,
+    bare_step,
+    compare_task,
+    interleaved,
+    repeat,
+    sync,
+)
+from resnet.bench.startup import bench_startup
 from resnet.config import make_config
 from resnet.data import Splits, load_splits
-from resnet.cluster import connect_ray
-from resnet.driver import make_trainer
-from resnet.loop import prepare_device
-from resnet.startup import bench_startup
-from resnet.steps import VAL_SHARE, bare_step, compare_task, interleaved, repeat, sync
+from resnet.infra.cluster import connect_ray
+from resnet.train.augment import augment, plan_epoch
+from resnet.train.checkpoint import load_state
+from resnet.train.driver import make_trainer
+from resnet.train.loop import prepare_device
 
 NOT_MEASURED = "not measured: no GPU"
 

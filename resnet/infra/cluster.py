@@ -11,9 +11,9 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from resnet import storage
 from resnet.config import TrainConfig
 from resnet.errors import UsageError
+from resnet.infra import storage
 
 
 def connect_ray() -> bool:

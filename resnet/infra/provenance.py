@@ -10,6 +10,8 @@ from pathlib import Path
 
 PACKAGES = ("torch", "torchvision", "ray", "numpy", "pyarrow", "grad-cam", "pillow")
 
+REPO_ROOT = Path(__file__).resolve().parents[2]  # resnet/infra/provenance.py -> the checkout
+
 
 def package_versions() -> dict[str, str | None]:
     versions: dict[str, str | None] = {"python": platform.python_version()}
@@ -28,7 +30,7 @@ def git_revision() -> str | None:
     """
     if os.environ.get("RESNET_GIT_REVISION"):
         return os.environ["RESNET_GIT_REVISION"]
-    root = Path(__file__).resolve().parent.parent
+    root = REPO_ROOT
     try:
         rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
                              text=True, timeout=10, check=True).stdout.strip()
@@ -44,7 +46,7 @@ def provenance() -> dict[str, object]:
             "host": platform.node(), "platform": platform.platform()}
 
 
-RUNTIME_ENV = Path(__file__).resolve().parent.parent / "jobs" / "runtime_env.yaml"
+RUNTIME_ENV = REPO_ROOT / "jobs" / "runtime_env.yaml"
 
 
 def submit_runtime_env(path: Path = RUNTIME_ENV) -> str:

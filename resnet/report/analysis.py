@@ -17,11 +17,11 @@ import numpy as np
 import pandas as pd
 from ray import tune
 
-from resnet import storage
 from resnet.config import TARGET_ACC, TrainConfig
 from resnet.errors import UsageError
-from resnet.results import SweepResults, collect_results, per_trial
-from resnet.sweep import SWEEP_FILE
+from resnet.infra import storage
+from resnet.tune.results import SweepResults, collect_results, per_trial, time_split
+from resnet.tune.settings import SWEEP_FILE
 
 UNFINISHED = ("running", "pending", "paused")
 
@@ -92,14 +92,34 @@ def best_trial(path: str, metric: str = "val_acc") -> pd.DataFrame:
     return open_experiment(path, metric).table.head(1)
 
 
+def print_analysis(analysis: Analysis, written: dict[str, Any], out: str,
+                   top: int | None = None) -> None:
+    """The console's account of ``jobs.analyze``: the per-trial table (best first, the best
+    ``top``), where trial time went, whether the sweep is partial, and what was written."""
+    table = analysis.table.head(top) if top else analysis.table
+    with pd.option_context("display.width", 200, "display.max_columns", 30,
+                           "display.float_format", "{:.4g}".format):
+        print(table.to_string(index=False))
+    split = time_split(analysis.table)
+    if split["train_share"] is not None:
+        print(f"trial time: {split['trial_s']:.0f}s, of which {split['train_s']:.0f}s in epochs "
+              f"({split['train_share']:.0%}) and {split['startup_s']:.0f}s in start-up and "
+              "reporting")
+    if analysis.partial:
+        print("partial results: the sweep is still running (or was interrupted)")
+    if "confusion.png" not in written["files"]:
+        print(f"no confusion matrix: {written['notes']['confusion.png']}")
+    print(f"wrote {', '.join(sorted(written['files']))} to {out}")
+
+
 def winner_confusion(analysis: Analysis) -> tuple[bytes | None, str]:
     """The winner's confusion matrix on the held-out split (test when the source has one,
     else validation); (None, reason) when its checkpoint or data cannot be read."""
     import ray.train
     import torch
 
-    from resnet.checkpoint import inference_model, load_state
     from resnet.data import load_splits
+    from resnet.train.checkpoint import inference_model, load_state
 
     best = analysis.results.best
     if best is None:
@@ -124,5 +144,5 @@ def winner_confusion(analysis: Analysis) -> tuple[bytes | None, str]:
     accuracy = float(np.trace(matrix) / max(matrix.sum(), 1))
     title = (f"trial {best['trial_id']} epoch {best['epoch']}: {held_out} split, "
              f"{len(y)} images, accuracy {accuracy:.4f}")
-    from resnet.plots import plot_confusion
+    from resnet.report.plots import plot_confusion
     return plot_confusion(matrix, classes, title), title

@@ -18,9 +18,18 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
-from pytorch_grad_cam import (AblationCAM, EigenCAM, EigenGradCAM, GradCAM,  # noqa: E402
-                              GradCAMElementWise, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM,
-                              XGradCAM)
+from pytorch_grad_cam import (  # noqa: E402
+    AblationCAM,
+    EigenCAM,
+    EigenGradCAM,
+    GradCAM,
+    GradCAMElementWise,
+    GradCAMPlusPlus,
+    HiResCAM,
+    LayerCAM,
+    ScoreCAM,
+    XGradCAM,
+)
 from pytorch_grad_cam.utils.image import show_cam_on_image  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 from torch import nn  # noqa: E402
@@ -166,7 +175,7 @@ def gradcam_files(model: nn.Module, images: np.ndarray, labels: np.ndarray,
 def gradcam_task(checkpoint, images: np.ndarray, labels: np.ndarray, n: int,
                  method: str = "gradcam", title: str = "") -> dict[str, bytes]:
     """Ray task (given a GPU when the cluster has one): Grad-CAM files of a checkpoint."""
-    from resnet.checkpoint import inference_model, load_state
+    from resnet.train.checkpoint import inference_model, load_state
     state = load_state(checkpoint)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return gradcam_files(inference_model(state), images, labels, tuple(state["classes"]), n,
@@ -176,9 +185,9 @@ def gradcam_task(checkpoint, images: np.ndarray, labels: np.ndarray, n: int,
 def explain_checkpoint(checkpoint: str, data: str | None, n: int, out_dir: str,
                        method: str = "gradcam") -> list[str]:
     """Grad-CAM of a checkpoint on its held-out images, written to ``out_dir``; file names."""
-    from resnet import storage
-    from resnet.checkpoint import inference_model, load_state
     from resnet.data import load_splits
+    from resnet.infra import storage
+    from resnet.train.checkpoint import inference_model, load_state
 
     state = load_state(checkpoint)
     model = inference_model(state)  # predicts as the exported model does

@@ -11,12 +11,12 @@ from typing import Any
 
 import pandas as pd
 
-from resnet import storage
-from resnet.analysis import Analysis, winner_confusion
-from resnet.plots import plot_lineage, plot_lr_paths, plot_per_epoch
 from resnet.config import TARGET_ACC
-from resnet.provenance import provenance
-from resnet.results import write_parquet
+from resnet.infra import storage
+from resnet.infra.provenance import provenance
+from resnet.report.analysis import Analysis, winner_confusion
+from resnet.report.plots import plot_lineage, plot_lr_paths, plot_per_epoch
+from resnet.tune.results import write_parquet
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 .scroll{overflow-x:auto}table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:3px 6px;

@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from resnet.config import TrainConfig  # noqa: E402
-from resnet.schedules import make_schedule  # noqa: E402
+from resnet.train.schedules import make_schedule  # noqa: E402
 
 WINNER = {"linewidth": 2.8, "alpha": 1.0, "zorder": 3, "color": "tab:red"}
 OTHER = {"linewidth": 1.0, "alpha": 0.45, "zorder": 2}

@@ -22,16 +22,21 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
-from resnet import storage, timing
-from resnet.checkpoint import export_model, inference_model, load_state
-from resnet.cluster import check_shared_storage, connect_ray, ray_cluster, resolve_hardware
 from resnet.config import TARGET_ACC, TrainConfig
 from resnet.data import Dataset, Splits, make_splits, open_dataset
 from resnet.errors import TrainingFailed, UsageError
-from resnet.loop import EVAL_PRECISION, evaluate, train_precision
+from resnet.infra import storage, timing
+from resnet.infra.cluster import (
+    check_shared_storage,
+    connect_ray,
+    ray_cluster,
+    resolve_hardware,
+)
+from resnet.infra.provenance import provenance
 from resnet.models import trainable_param_count
-from resnet.provenance import provenance
-from resnet.train import train_fn_per_worker
+from resnet.train.checkpoint import export_model, inference_model, load_state
+from resnet.train.loop import EVAL_PRECISION, evaluate, train_precision
+from resnet.train.worker import train_fn_per_worker
 
 # Keys that may change between a run and its resumption: where and on what it runs. Not
 # num_workers: BatchNorm normalises over each worker's local batch, so it changes training.

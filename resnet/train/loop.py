@@ -1,5 +1,5 @@
 """One worker's training loop, without Ray: its state (model, optimizer, EMA, schedule, the data on
-the device) and its steps, epochs and evaluation. ``resnet/train.py`` runs it under Ray Train (one
+the device) and its steps, epochs and evaluation. ``resnet/train/worker.py`` runs it under Ray Train (one
 per DDP rank); ``jobs.bench`` times its steps against a bare PyTorch loop in the same process.
 
 Data parallel: every rank holds the whole training set as one uint8 tensor on its device, and in
@@ -19,14 +19,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from resnet.augment import EpochPlan, augment, plan_epoch
-from resnet.checkpoint import weights_digest
 from resnet.config import TrainConfig
 from resnet.data import Splits
-from resnet.ema import EMA
-from resnet.lookahead import Lookahead
 from resnet.models import FlipTTA, build_model, conv_kernels, set_bn_momentum
-from resnet.schedules import Schedule, make_schedule
+from resnet.train.augment import EpochPlan, augment, plan_epoch
+from resnet.train.checkpoint import weights_digest
+from resnet.train.ema import EMA
+from resnet.train.lookahead import Lookahead
+from resnet.train.schedules import Schedule, make_schedule
 
 # Images per forward pass when evaluating. Not larger: on this 2-core CPU resnet20's forward
 # costs 0.85 ms per image at 256 and 1.37 ms at 1,024 (the activations outgrow the caches).

@@ -1,5 +1,5 @@
 """Ray Train's entry point on every worker: ``train_fn_per_worker`` runs this rank's
-``resnet/loop.py`` loop epoch by epoch, resumes it from a checkpoint, records where each rank
+``resnet/train/loop.py`` loop epoch by epoch, resumes it from a checkpoint, records where each rank
 runs, and reports each epoch (rank 0 with the checkpoint) in a Keras-like log line.
 
 BatchNorm normalises over each rank's local batch, so N workers do not compute one worker's
@@ -22,15 +22,22 @@ import ray.train
 import ray.train.torch
 import torch.distributed as dist
 
-from resnet import timing
-from resnet.checkpoint import load_state, save_state
 from resnet.config import TrainConfig
 from resnet.data import Splits
-from resnet.loop import (build_loop, epoch_hyperparameters, load_state_dict, prepare_device,
-                         state_dict, train_epoch, validate)
+from resnet.infra import timing
+from resnet.train.checkpoint import load_state, save_state
+from resnet.train.loop import (
+    build_loop,
+    epoch_hyperparameters,
+    load_state_dict,
+    prepare_device,
+    state_dict,
+    train_epoch,
+    validate,
+)
 
 # Through logging, not print: Ray Train forwards worker log records to the driver's console.
-log = logging.getLogger("resnet.train")
+log = logging.getLogger("resnet.train.worker")
 
 
 def placement(rank: int, world: int) -> list[dict[str, Any]]:

@@ -15,10 +15,10 @@ import pyarrow.parquet as pq
 import torch
 from ray.tune import ExperimentAnalysis
 
-from resnet import storage
-from resnet.checkpoint import CHECKPOINT_FILE
 from resnet.config import TrainConfig
-from resnet.space import RECIPE_KEY, TUNABLE, trial_config
+from resnet.infra import storage
+from resnet.train.checkpoint import CHECKPOINT_FILE
+from resnet.tune.space import RECIPE_KEY, TUNABLE, trial_config
 
 TRAIN_RUNS = "train_runs"  # <sweep>/train_runs/<trial id>/: each trial's Ray Train run
 METRICS = ("epoch", "lr", "loss", "acc", "val_loss", "val_acc", "epoch_s", "samples_per_s",

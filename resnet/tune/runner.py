@@ -1,46 +1,58 @@
-"""The sweep: Ray Tune runs one ``TorchTrainer`` per trial (Train V2: a function trainable with
-``TuneReportCallback``), then the best trial's best checkpoint is exported and explained.
+"""Ray Tune's part of the sweep: one ``TorchTrainer`` per trial (Train V2: a function trainable,
+``resnet/tune/trial.py``), scheduled by ASHA, FIFO or PBT, resumable; the results as
+``trials.parquet``. The winner's export, Grad-CAM and report come after, in ``resnet/report/``.
 
 Under ``<storage>/<name>/``: Tune's experiment (trial folders, restorable), ``train_runs/<trial id>/``
-(each trial's Ray Train run and checkpoints), ``trials.parquet``, ``summary.json``,
-``best/model.pt2`` and ``gradcam/``.
+(each trial's Ray Train run and checkpoints), ``sweep.json`` and ``trials.parquet``.
 """
 
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import ray
 from ray import tune
 
-from resnet import storage
-from resnet.checkpoint import load_state
-from resnet.cluster import check_shared_storage, connect_ray, ray_cluster
 from resnet.config import TrainConfig
 from resnet.data import Splits, load_splits
-from resnet.driver import check_batch_fits, export_best
 from resnet.errors import TrainingFailed, UsageError
-from resnet.gradcam import gradcam_task
-from resnet.provenance import provenance
-from resnet.replay import schedule_document
-from resnet.results import (TRAIN_RUNS, SweepResults, collect_results, per_trial, print_table,
-                            time_split, write_parquet)
-from resnet.search import (check_search, make_scheduler, make_searcher, param_space,
-                           trials_planned)
-from resnet.space import keras_point, largest, load_space, read_space_file
-from resnet.sweep import SWEEP_FILE, SweepConfig, plan_resources
-from resnet.trial import train_trial
+from resnet.infra import storage
+from resnet.infra.cluster import check_shared_storage, connect_ray, ray_cluster
+from resnet.infra.provenance import provenance
+from resnet.train.driver import check_batch_fits
+from resnet.tune.results import TRAIN_RUNS, SweepResults, collect_results, write_parquet
+from resnet.tune.search import (
+    check_search,
+    make_scheduler,
+    make_searcher,
+    param_space,
+    trials_planned,
+)
+from resnet.tune.settings import SWEEP_FILE, SweepConfig, plan_resources
+from resnet.tune.space import keras_point, largest, load_space, read_space_file
+from resnet.tune.trial import train_trial
 
 TRIAL_DRIVER_MEMORY = 256 * 2**20  # bytes reserved by each trial's driver process
 UNFINISHED = ("running", "pending", "paused")  # trial statuses after an interrupted fit()
 
 
-def run_sweep(sweep: SweepConfig) -> dict[str, Any]:
-    """Run (or resume) the sweep, then export and explain the winner; returns the summary."""
-    started = time.time()
+@dataclass
+class SweepRun:
+    """A sweep's trials, run to their end: what the post-job step needs."""
+
+    sweep: SweepConfig  # as started (summary.json records it)
+    base: TrainConfig  # sweep.base with the hardware the trials ran on
+    splits: Splits
+    results: SweepResults
+    exp_dir: str
+    cluster: dict[str, Any]
+
+
+def run_trials(sweep: SweepConfig) -> SweepRun:
+    """Run (or resume) the sweep's trials with Ray Tune; write trials.parquet. Raises when a
+    trial is unfinished (interrupted) or no trial has a checkpoint to export."""
     base = sweep.base
     space = load_space(sweep.space, base.optimizer, sweep.profile, base.num_workers,
                        base.model)
@@ -99,27 +111,7 @@ def run_sweep(sweep: SweepConfig) -> dict[str, Any]:
             raise TrainingFailed("every trial diverged (its loss became NaN or inf), so there is "
                                  "no model to export; search lower learning rates (--space)")
         raise TrainingFailed(f"no trial completed an epoch; see the trial errors in {exp_dir}")
-    summary = finish(sweep, base, splits, results, exp_dir)
-    summary["ray_cluster"] = cluster
-    summary["wall_s"] = round(time.time() - started, 1)
-    storage.write_bytes(storage.join(exp_dir, "summary.json"), json.dumps(summary, indent=2).encode())
-    print_table(results, sweep.target)
-    print_next_steps(exp_dir, summary)
-    return summary
-
-
-def print_next_steps(exp_dir: str, summary: dict[str, Any]) -> None:
-    """The report (written now: it takes seconds), and where the winner's outputs are."""
-    from resnet.analysis import open_experiment
-    from resnet.report import write_analysis
-    out = storage.join(exp_dir, "analysis")
-    write_analysis(open_experiment(exp_dir), out)
-    print(f"report: {storage.join(out, 'report.html')} (python -m jobs.analyze {exp_dir} "
-          "refreshes it)", flush=True)
-    print(f"best model: {summary['model_export']}; its schedule: {summary['schedule']}",
-          flush=True)
-    if summary["gradcam"]:
-        print(f"Grad-CAM: {storage.join(exp_dir, 'gradcam', 'gradcam.png')}", flush=True)
+    return SweepRun(sweep, base, splits, results, exp_dir, cluster)
 
 
 def make_tuner(sweep: SweepConfig, trainable, space: dict[str, Any], root: str, name: str,
@@ -146,7 +138,7 @@ def make_tuner(sweep: SweepConfig, trainable, space: dict[str, Any], root: str, 
         run_config=tune.RunConfig(
             name=name, storage_path=root, verbose=1,  # Tune's status table, now and then
             failure_config=tune.FailureConfig(max_failures=0),
-            # Tune's copy of each trial's latest epoch (resnet/trial.py); PBT clones from any
+            # Tune's copy of each trial's latest epoch (resnet/tune/trial.py); PBT clones from any
             # trial's latest, which may be older than the donor's newest by then: keep them all.
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=None if sweep.scheduler == "pbt" else 1)))
@@ -165,51 +157,3 @@ def check_same_data(exp_dir: str, data_key: str) -> None:
 def trial_dirname(trial) -> str:
     """Short trial folders (Tune's default name spells out every sampled value)."""
     return f"trial_{trial.trial_id}"
-
-
-def finish(sweep: SweepConfig, base: TrainConfig, splits: Splits, results: SweepResults,
-           exp_dir: str) -> dict[str, Any]:
-    """Export the winner (and its test accuracy, once), render Grad-CAM, build the summary."""
-    best = results.best
-    checkpoint = ray.train.Checkpoint(best["checkpoint_path"])
-    winner = results.configs[best["trial_id"]]
-    final = export_best(checkpoint, winner, splits, exp_dir)
-    # The winner's schedule as its weights ran it, epoch by epoch (with a PBT clone's donors).
-    history = load_state(checkpoint)["history"]
-    storage.write_bytes(storage.join(exp_dir, "best", "schedule.json"), json.dumps(
-        schedule_document(winner, history, {"sweep": exp_dir, "trial_id": best["trial_id"],
-                                            "checkpoint": best["checkpoint_path"]}),
-        indent=2).encode())
-    gradcam_files: list[str] = []
-    if sweep.gradcam_images:
-        # Held-out images: the test split when the source has one, else validation.
-        x, y = (splits.test_x, splits.test_y) if splits.test_x is not None else (splits.val_x,
-                                                                                 splits.val_y)
-        title = f"{winner.model}, trial {best['trial_id']} epoch {best['epoch']}, " \
-                f"val_acc {best['val_acc']:.4f}, {sweep.gradcam_method}"
-        files = ray.get(gradcam_task.options(num_cpus=1, num_gpus=1 if base.use_gpu else 0)
-                        .remote(checkpoint, x, y, sweep.gradcam_images, sweep.gradcam_method, title))
-        for filename, data in files.items():
-            storage.write_bytes(storage.join(exp_dir, "gradcam", filename), data)
-        gradcam_files = sorted(files)
-    counts = results.trials.drop_duplicates("trial_id")["status"].value_counts().to_dict()
-    table = per_trial(results.trials, sweep.target, results.configs).set_index("trial")
-    return {
-        "sweep": exp_dir, "profile": sweep.profile,
-        "best_trial": best["trial_id"], "best_val_acc": best["val_acc"],
-        "best_epoch": best["epoch"], "best_checkpoint": best["checkpoint_path"],
-        # The best trial's last epoch, beside its best: one that ends at its best is trusted.
-        "best_trial_final_val_acc": float(table.loc[best["trial_id"], "final_val_acc"]),
-        "best_config": winner.to_dict(),
-        "target_acc": sweep.target, "target_reached": results.first_at_target is not None,
-        "first_at_target": results.first_at_target,
-        "first_epoch_at_target_per_trial": results.first_epoch_per_trial,
-        "test_acc": final["test_acc"], "test_loss": final["test_loss"],
-        "trials": {status: int(counts.get(status, 0))
-                   for status in ("completed", "early-stopped", "diverged", "failed")},
-        "time": time_split(table),
-        "model_export": storage.join(exp_dir, "best", "model.pt2"),
-        "schedule": storage.join(exp_dir, "best", "schedule.json"),
-        "gradcam": [storage.join(exp_dir, "gradcam", f) for f in gradcam_files],
-        "sweep_config": sweep.to_dict(), "provenance": provenance(),
-    }

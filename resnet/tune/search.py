@@ -14,13 +14,17 @@ from __future__ import annotations
 from typing import Any
 
 from ray import tune
-from ray.tune.schedulers import (ASHAScheduler, FIFOScheduler, PopulationBasedTraining,
-                                 TrialScheduler)
+from ray.tune.schedulers import (
+    ASHAScheduler,
+    FIFOScheduler,
+    PopulationBasedTraining,
+    TrialScheduler,
+)
 from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from resnet.errors import UsageError
-from resnet.space import RECIPE_KEY, grid_size, to_tune
+from resnet.tune.space import RECIPE_KEY, grid_size, to_tune
 
 SCHEDULERS = ("asha", "fifo", "pbt")
 SEARCHERS = ("random", "optuna")

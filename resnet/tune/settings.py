@@ -15,12 +15,12 @@ from typing import Any, Mapping
 
 import ray
 
-from resnet import storage
-from resnet.cluster import connect_ray
 from resnet.config import TARGET_ACC, TrainConfig, make_config
 from resnet.errors import UsageError
-from resnet.search import SCHEDULERS, SEARCHERS, check_search
-from resnet.space import PROFILE_SPACE, keras_config, load_space, read_space_file
+from resnet.infra import storage
+from resnet.infra.cluster import connect_ray
+from resnet.tune.search import SCHEDULERS, SEARCHERS, check_search
+from resnet.tune.space import PROFILE_SPACE, keras_config, load_space, read_space_file
 
 SWEEP_PRESET = "fast"  # every searched trial starts from the fast recipe: the search's centre
 SWEEP_FILE = "sweep.json"  # the settings a sweep started with (jobs.analyze and --resume read it)

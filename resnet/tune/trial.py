@@ -25,11 +25,11 @@ import ray.train
 from ray import tune
 from ray.util.queue import Empty, Queue
 
-from resnet import storage
-from resnet.checkpoint import CHECKPOINT_FILE
 from resnet.config import TrainConfig
-from resnet.driver import make_trainer
-from resnet.space import trial_config
+from resnet.infra import storage
+from resnet.train.checkpoint import CHECKPOINT_FILE
+from resnet.train.driver import make_trainer
+from resnet.tune.space import trial_config
 
 SOURCE_FILE = "source.json"  # in a Tune checkpoint: {"trial_id", "run", "epoch"}
 

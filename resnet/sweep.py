@@ -1,0 +1,28 @@
+"""The main job's engine (``jobs.tune``): the sweep's trials on Ray Tune, then the post-job step
+(the winner's export, schedule, Grad-CAM and report)."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from resnet.infra import storage
+from resnet.report.winner import finish, print_next_steps
+from resnet.tune.results import print_table
+from resnet.tune.runner import run_trials
+from resnet.tune.settings import SweepConfig
+
+
+def run_sweep(sweep: SweepConfig) -> dict[str, Any]:
+    """Run (or resume) the sweep, then export and explain the winner; returns the summary."""
+    started = time.time()
+    run = run_trials(sweep)
+    summary = finish(run)
+    summary["ray_cluster"] = run.cluster
+    summary["wall_s"] = round(time.time() - started, 1)
+    storage.write_bytes(storage.join(run.exp_dir, "summary.json"),
+                        json.dumps(summary, indent=2).encode())
+    print_table(run.results, sweep.target)
+    print_next_steps(run.exp_dir, summary)
+    return summary
