@@ -22,6 +22,7 @@ from resnet.infra import storage
 from resnet.infra.cluster import check_shared_storage, connect_ray, ray_cluster
 from resnet.infra.provenance import provenance
 from resnet.train.driver import check_batch_fits
+from resnet.tune import trial_dirname
 from resnet.tune.results import TRAIN_RUNS, SweepResults, collect_results, write_parquet
 from resnet.tune.search import (
     check_search,
@@ -122,7 +123,17 @@ def make_tuner(sweep: SweepConfig, trainable, space: dict[str, Any], root: str, 
         raise UsageError(f"sweep {name!r} already exists in {root}; pass --resume to continue it, "
                          "or another --name")
     if exists:
-        return tune.Tuner.restore(exp_dir, trainable, resume_unfinished=True, resume_errored=True)
+        try:
+            return tune.Tuner.restore(exp_dir, trainable, resume_unfinished=True,
+                                      resume_errored=True)
+        except (AttributeError, ModuleNotFoundError) as exc:
+            # Tune pickles the functions it was given (trial_dirname) by their module path:
+            # a sweep started before resnet/ moved into sub-packages names resnet.tune.* paths
+            # that no longer exist.
+            raise UsageError(f"--resume: sweep {name!r} was started by an older version of this "
+                             f"project whose modules have moved (Tune cannot unpickle it: {exc}); "
+                             "finish it with that version, or start a new sweep with another "
+                             "--name (jobs.analyze and jobs.gradcam still read it)") from None
     if sweep.resume:  # stopped after sweep.json, before Tune saved anything: start it now
         print(f"sweep {name} had not started a trial; starting it", flush=True)
     scheduler = make_scheduler(sweep.scheduler, sweep.base.epochs, sweep.grace, sweep.interval,
@@ -152,8 +163,3 @@ def check_same_data(exp_dir: str, data_key: str) -> None:
         raise UsageError(f"--resume: the data is not the data sweep {exp_dir} started with "
                          f"(content key {data_key[:12]} now, {started[:12]} then); pass the same "
                          "--data, or another --name to start a new sweep")
-
-
-def trial_dirname(trial) -> str:
-    """Short trial folders (Tune's default name spells out every sampled value)."""
-    return f"trial_{trial.trial_id}"
