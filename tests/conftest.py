@@ -70,13 +70,74 @@ def run_job(*args: str, env: dict | None = None, timeout: int = 900) -> subproce
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
-def reported_epoch(run_dir: Path) -> int:
-    """The last epoch a Ray Train run has checkpointed, from its own snapshot file (0: none)."""
+def reported_epoch(run_dir: Path | str) -> int:
+    """The last epoch a Ray Train run (a local folder or a URI) has checkpointed, from its own
+    snapshot file (0: none)."""
+    from resnet.infra import storage
     try:
-        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-        return int(snapshot["latest_checkpoint_result"]["metrics"]["epoch"])
+        data = storage.read_bytes(storage.join(str(run_dir), "checkpoint_manager_snapshot.json"))
+        return int(json.loads(data)["latest_checkpoint_result"]["metrics"]["epoch"])
     except (OSError, ValueError, KeyError, TypeError):  # not there yet, or being written
         return 0
+
+
+# --- Object storage: a real S3 API (moto's server mode) on loopback, one per test session ------
+
+S3_BUCKET = "runs"
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 and a free port, with a bucket; the credentials it takes
+    are in this process's environment (the jobs the tests start inherit them). Yields the
+    query every s3:// location of this server carries."""
+    from moto.server import ThreadedMotoServer
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_EC2_METADATA_DISABLED="true")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    query = f"endpoint_override=http://{host}:{port}&region=us-east-1"
+    import pyarrow.fs as pafs
+    fs, _ = pafs.FileSystem.from_uri(f"s3://{S3_BUCKET}?{query}&allow_bucket_creation=true")
+    fs.create_dir(S3_BUCKET)
+    yield query
+    server.stop()
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage_root(request, tmp_path):
+    """A root for runs and sweeps: a local folder, or a fresh prefix in the session's bucket."""
+    if request.param == "local":
+        return str(tmp_path / "storage")
+    return s3_location(request.getfixturevalue("s3_server"), tmp_path.name)
+
+
+def s3_location(query: str, prefix: str) -> str:
+    return f"s3://{S3_BUCKET}/{prefix}?{query}"
+
+
+def download(location: str, dest: Path) -> Path:
+    """A copy of a folder (local or in the bucket) on local disk, to read with pathlib."""
+    import pyarrow.fs as pafs
+
+    from resnet.infra import storage
+    fs, path = storage.resolve(location)
+    dest.mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(path, str(dest), source_filesystem=fs,
+                    destination_filesystem=pafs.LocalFileSystem())
+    return dest
+
+
+def files_under(location: str) -> dict[str, tuple[int, int]]:
+    """Every file under a folder (local or in the bucket): relative path -> (size, mtime ns)."""
+    import pyarrow.fs as pafs
+
+    from resnet.infra import storage
+    fs, path = storage.resolve(location)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    return {info.path[len(path):].lstrip("/"): (info.size, info.mtime_ns) for info in infos
+            if info.type == pafs.FileType.File}
 
 
 def wait_for(predicate, proc: subprocess.Popen | None = None, timeout: float = 600) -> None:
@@ -165,28 +226,35 @@ SWEEP_SPACE = {"lr": {"grid": [0.05, 1e-6, 1e6]}, "schedule": "onecycle", "batch
 SWEEP_TARGET = 0.2  # low enough that a trial reaches it: the "target reached" branches run
 
 
-@pytest.fixture(scope="session")
-def sweep(shared_archive, tmp_path_factory):
-    """One real sweep, shared by the Tune, analysis and fault tests: the Keras trial, then the 3
-    grid trials, one at a time (1 worker x 2 CPUs) x 2 epochs on 1,000 images, ASHA with a
-    grace period of 1 epoch, target 0.2. On the way, each step waiting on reported progress:
+@pytest.fixture(scope="session", params=["local", "s3"])
+def sweep(request, shared_archive, tmp_path_factory):
+    """One real sweep per storage (a local folder, the session's S3 server), shared by the Tune,
+    analysis and fault tests: the Keras trial, then the 3 grid trials, one at a time (1 worker x
+    2 CPUs) x 2 epochs on 1,000 images, ASHA with a grace period of 1 epoch, target 0.2. On the
+    way, each step waiting on reported progress:
 
     - once the first trial (the Keras one, which ASHA cannot stop: it is alone at its rung) has
       reported and checkpointed epoch 1, so that it is certainly in epoch 2, the driver is
       SIGKILLed (``killed``: the time, the epoch each trial had checkpointed, the first trial's
-      epoch-1 metrics and the bytes of every checkpoint at that moment);
+      epoch-1 metrics and the bytes of every checkpoint at that moment, by location);
     - ``jobs.analyze`` reads the interrupted sweep (``partial``);
     - the same command with ``--resume`` completes the sweep (``proc``: its output).
+
+    ``uri``: the sweep's location as the jobs saw it; ``dir``: a local copy to read with pathlib
+    (the folder itself for local storage, a download from the bucket for S3).
     """
-    tmp = tmp_path_factory.mktemp("sweep")
+    from resnet.infra import storage
+    tmp = tmp_path_factory.mktemp(f"sweep-{request.param}")
+    root = str(tmp) if request.param == "local" else \
+        s3_location(request.getfixturevalue("s3_server"), tmp.name)
     (tmp / "space.json").write_text(json.dumps(SWEEP_SPACE))
     args = ["jobs.tune", "--data", str(shared_archive), "--samples", "1", "--epochs", "2",
             "--subset", "1000", "--num-workers", "1", "--cpus-per-worker", "2",
             "--max-concurrent", "1", "--val-size", "500", "--keras-trial", "--eval-variants",
             "--scheduler", "asha", "--grace-period", "1", "--target", str(SWEEP_TARGET),
-            "--space", str(tmp / "space.json"), "--storage", str(tmp), "--name", "sweep"]
-    exp = tmp / "sweep"
-    runs = exp / "train_runs"
+            "--space", str(tmp / "space.json"), "--storage", root, "--name", "sweep"]
+    exp = storage.join(root, "sweep")
+    runs = storage.join(exp, "train_runs")
     with open(tmp / "killed.log", "w+") as log:
         proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, text=True, stdout=log,
                                 stderr=subprocess.STDOUT)
@@ -195,11 +263,13 @@ def sweep(shared_archive, tmp_path_factory):
             wait_for(lambda: trial_runs(runs) and reported_epoch(trial_runs(runs)[0]) >= 1, proc)
             ray_processes = descendants(proc.pid)
             first = trial_runs(runs)[0]
-            killed = {"time_ns": time.time_ns(), "first": first.name,
-                      "epochs": {run.name: reported_epoch(run) for run in trial_runs(runs)},
-                      "first_epoch_1": json.loads((first / "checkpoint_manager_snapshot.json")
-                                                  .read_text())["latest_checkpoint_result"]["metrics"],
-                      "checkpoints": {p: p.read_bytes() for p in runs.rglob("checkpoint.pt")}}
+            snapshot = storage.read_bytes(storage.join(first, "checkpoint_manager_snapshot.json"))
+            killed = {"time_ns": time.time_ns(), "first": storage.resolve(first)[1].rsplit("/", 1)[1],
+                      "epochs": {storage.resolve(run)[1].rsplit("/", 1)[1]: reported_epoch(run)
+                                 for run in trial_runs(runs)},
+                      "first_epoch_1": json.loads(snapshot)["latest_checkpoint_result"]["metrics"],
+                      "checkpoints": {storage.join(runs, name): storage.read_bytes(storage.join(runs, name))
+                                      for name in files_under(runs) if name.endswith("checkpoint.pt")}}
             proc.kill()  # SIGKILL: no handler runs, as when a machine dies
         finally:
             proc.kill()
@@ -207,12 +277,19 @@ def sweep(shared_archive, tmp_path_factory):
         killed["leftover_processes"] = reap(ray_processes, timeout=10)  # Ray's fate sharing
         log.seek(0)
         killed["output"] = log.read()
-    partial = run_job("jobs.analyze", str(exp), "--out", str(tmp / "partial"))
+    partial = storage.join(root, "partial")
+    analysed = run_job("jobs.analyze", exp, "--out", partial)
     done = run_job(*args, "--resume")
-    return {"args": args, "proc": done, "dir": exp, "partial": partial,
-            "partial_dir": tmp / "partial", "killed": killed}
+    local = request.param == "local"
+    return {"args": args, "proc": done, "uri": exp, "storage": request.param,
+            "dir": tmp / "sweep" if local else download(exp, tmp / "copy" / "sweep"),
+            "partial": analysed,
+            "partial_dir": tmp / "partial" if local else download(partial, tmp / "copy" / "partial"),
+            "killed": killed}
 
 
-def trial_runs(runs: Path) -> list[Path]:
-    """The trials' Ray Train run folders, in the order the trials were created."""
-    return sorted(p for p in runs.glob("*") if p.is_dir()) if runs.is_dir() else []
+def trial_runs(runs: str) -> list[str]:
+    """The trials' Ray Train run folders (locations), in the order the trials were created."""
+    from resnet.infra import storage
+    return [storage.join(runs, name) for name in storage.listdir(runs)
+            if storage.is_dir(storage.join(runs, name))]

@@ -24,7 +24,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def analysed(sweep, tmp_path_factory):
     out = tmp_path_factory.mktemp("analysis")
-    proc = run_job("jobs.analyze", str(sweep["dir"]), "--out", str(out))
+    proc = run_job("jobs.analyze", sweep["uri"], "--out", str(out))  # from the bucket for S3
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {"proc": proc, "out": out,
             "summary": json.loads((sweep["dir"] / "summary.json").read_text())}
@@ -115,6 +115,7 @@ def test_a_running_sweep_reads_as_partial(sweep):
     assert "Partial results" in (sweep["partial_dir"] / "report.html").read_text()
 
 
+@pytest.mark.parametrize("sweep", ["local"], indirect=True)
 def test_bad_input_is_one_line_and_exit_2(sweep, tmp_path, ray_local):
     from ray import tune
     (tmp_path / "plain").mkdir()

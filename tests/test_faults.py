@@ -17,7 +17,8 @@ import pytest
 from resnet.train.checkpoint import load_state
 from resnet.config import make_config
 from resnet.train.driver import train_driver_fn
-from tests.conftest import ROOT, descendants, reap, reported_epoch, wait_for
+from resnet.infra import storage
+from tests.conftest import ROOT, descendants, files_under, reap, reported_epoch, wait_for
 
 
 # Ray processes that may outlive a SIGKILLed driver (they are not fate-shared with it).
@@ -208,7 +209,8 @@ def test_a_killed_sweep_driver_resumes_without_retraining(sweep, capsys):
     latest = run / snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
     state = load_state(latest)
     assert state["epoch"] == 2 and latest.name == "epoch_0002"
-    assert (latest / "checkpoint.pt").stat().st_mtime_ns > killed["time_ns"]
+    in_storage = files_under(storage.join(sweep["uri"], "train_runs", first))  # not the copy's
+    assert in_storage["epoch_0002/checkpoint.pt"][1] > killed["time_ns"]
     before = killed["first_epoch_1"]
     assert {k: state["history"][0][k] for k in before if k in state["history"][0]} == \
         {k: v for k, v in before.items() if k in state["history"][0]}
@@ -218,9 +220,11 @@ def test_a_killed_sweep_driver_resumes_without_retraining(sweep, capsys):
         assert row[key] == before[key], key
     # Checkpoints written before the kill are untouched (or deleted as no longer the best).
     for path, data in killed["checkpoints"].items():
-        assert not path.exists() or path.read_bytes() == data, path
+        now = storage.read_bytes(path)
+        assert now is None or now == data, path
     with capsys.disabled():  # for the record
-        print(f"\nkilled the sweep's driver in epoch 2 of trial {first} (epoch 1 checkpointed); "
+        print(f"\n{sweep['storage']}: killed the sweep's driver in epoch 2 of trial {first} "
+              "(epoch 1 checkpointed); "
               f"--resume trained epoch 2 from that checkpoint, epoch 1 was kept as it was")
 
     # One row per (trial, epoch), none lost: epochs reported before the crash come back from

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shlex
 
 import numpy as np
 import pandas as pd
@@ -12,7 +13,8 @@ import torch
 from PIL import Image
 
 from resnet.train.checkpoint import inference_model, load_state
-from tests.conftest import run_job
+from resnet.infra import storage
+from tests.conftest import files_under, run_job
 
 
 @pytest.mark.ray
@@ -106,10 +108,12 @@ def test_sweep_finds_the_best_trial_and_explains_it(sweep, shared_archive):
     assert tail[target_line].startswith(f"target val_acc 0.20 reached by trial "
                                         f"{hit['trial_id']} at epoch {hit['epoch']}; best")
     assert any("diverged" in line for line in tail[target_line - 5:target_line])
-    assert tail[target_line + 1] == f"report: {exp}/analysis/report.html (python -m jobs.analyze " \
-                                    f"{exp} refreshes it)"
+    uri = sweep["uri"]  # what the jobs were told: a folder, or s3://... with its endpoint
+    report, command = storage.join(uri, "analysis", "report.html"), shlex.join(
+        ["python", "-m", "jobs.analyze", uri])
+    assert tail[target_line + 1] == f"report: {report} ({command} refreshes it)"
     assert (exp / "analysis" / "report.html").is_file()
-    assert f"Grad-CAM: {exp}/gradcam/gradcam.png" in tail
+    assert f"Grad-CAM: {storage.join(uri, 'gradcam', 'gradcam.png')}" in tail
     assert "of Ray's own logging were not shown here; Ray keeps all of it in" in proc.stderr
 
 
@@ -160,10 +164,11 @@ def test_a_sweep_where_every_trial_diverges_exits_1_and_says_why(ray_local, shar
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("sweep", ["local"], indirect=True)
 def test_resume_with_other_settings_or_nothing_to_resume_is_refused(sweep, capsys):
     from jobs.tune import main
-    exp, args = sweep["dir"], sweep["args"][1:]
-    written = {p: p.stat().st_mtime_ns for p in exp.rglob("*") if p.is_file()}
+    args = sweep["args"][1:]
+    written = files_under(sweep["uri"])
     assert main([*args, "--epochs", "3", "--resume"]) == 2
     err = capsys.readouterr().err
     assert "--resume: sweep 'sweep' was started with other settings: epochs 2 (now 3)" in err
@@ -171,17 +176,17 @@ def test_resume_with_other_settings_or_nothing_to_resume_is_refused(sweep, capsy
     assert main([*args[:-1], "elsewhere", "--resume"]) == 2  # --name elsewhere
     err = capsys.readouterr().err
     assert "--resume: there is no sweep 'elsewhere' in" in err and err.count("\n") == 1
-    assert {p: p.stat().st_mtime_ns for p in written} == written
+    assert files_under(sweep["uri"]) == written
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("sweep", ["local"], indirect=True)
 def test_an_existing_sweep_is_not_touched_without_resume(sweep):
     # Resuming itself: tests/test_faults.py (the fixture's driver is killed, then resumed).
-    exp = sweep["dir"]
-    written = {p: p.stat().st_mtime_ns for p in exp.rglob("*") if p.is_file()}
+    written = files_under(sweep["uri"])
     again = run_job(*sweep["args"])
     assert again.returncode == 2 and "already exists" in again.stderr and "--resume" in again.stderr
-    assert {p: p.stat().st_mtime_ns for p in written} == written  # sweep.json included
+    assert files_under(sweep["uri"]) == written  # sweep.json included
 
 
 @pytest.mark.e2e

@@ -1,39 +1,97 @@
-"""Run outputs on local disk or any filesystem pyarrow knows (s3://, gs://, ...).
+"""Run outputs on local disk or any filesystem pyarrow knows (s3://, gs://, ...), one way for all.
+
+A location is a string, as the user gave it: a local path, or a URI that ``pyarrow.fs`` resolves
+(``s3://bucket/prefix?endpoint_override=http://127.0.0.1:9000&region=us-east-1``: the query holds
+the filesystem's options and stays with every path joined below it). Ray Train and Tune resolve
+``storage_path`` the same way (``pyarrow.fs.FileSystem.from_uri``) and hand back paths *inside*
+that filesystem, without scheme or query (``bucket/prefix/run/epoch_0001``); ``within`` turns such
+a path back into a location.
 
 Local writes go to a temp name first and are renamed into place, so a crash never leaves a
-half-written file behind and an earlier complete file is never lost.
+half-written file behind and an earlier complete file is never lost; object stores publish a key
+atomically.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import posixpath
 import tempfile
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
-
-def is_uri(path: str) -> bool:
-    return "://" in path
+from resnet.errors import UsageError
 
 
-def absolute(storage: str) -> str:
-    """Ray Train needs an absolute local path (or a URI)."""
-    return storage if is_uri(storage) else str(Path(storage).expanduser().resolve())
+def resolve(where: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it), as Ray resolves a storage path: ``from_uri`` for a URI or an
+    absolute path; anything it cannot parse as a URI is a path on local disk."""
+    try:
+        return _from_uri(where)
+    except pa.ArrowInvalid as exc:
+        if "empty scheme" not in str(exc) and "Cannot parse URI" not in str(exc):
+            raise UsageError(f"{where}: pyarrow cannot open this storage ({exc}); use a local "
+                             "path or a URI such as s3://BUCKET/PATH or gs://BUCKET/PATH") from None
+        return pafs.LocalFileSystem(), str(Path(where).expanduser().resolve())
 
 
-def join(*parts: str) -> str:
-    return "/".join(p.rstrip("/") for p in parts)
+@functools.lru_cache(maxsize=256)
+def _from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+    # One filesystem object per location: an S3 client is set up once, not per file.
+    return pafs.FileSystem.from_uri(uri)
+
+
+def is_local(where: str) -> bool:
+    return isinstance(resolve(where)[0], pafs.LocalFileSystem)
+
+
+def absolute(where: str) -> str:
+    """The location as Ray needs it: an absolute local path, or the URI unchanged."""
+    fs, path = resolve(where)
+    return path if _plain_local(where) else where
+
+
+def local_path(where: str) -> str | None:
+    """The path on this machine's disk, or None when the location is remote."""
+    fs, path = resolve(where)
+    return path if isinstance(fs, pafs.LocalFileSystem) else None
+
+
+def join(where: str, *parts: str) -> str:
+    """``where/part/...``; a URI keeps its scheme and query (the filesystem's options)."""
+    if _plain_local(where):
+        return os.path.join(where, *parts)
+    url = urlsplit(where)
+    return urlunsplit(url._replace(path=posixpath.join(url.path or "/", *parts)))
+
+
+def within(where: str, fs_path: str) -> str:
+    """The location of ``fs_path``, a path inside ``where``'s filesystem as Ray hands it back
+    (``bucket/key`` for s3://, ``/abs/path`` on local disk)."""
+    if _plain_local(where):
+        return fs_path
+    url = urlsplit(where)
+    netloc, _, path = fs_path.lstrip("/").partition("/") if url.netloc else ("", "", fs_path)
+    return urlunsplit((url.scheme, netloc, "/" + path if url.netloc else path, url.query, ""))
+
+
+def _plain_local(where: str) -> bool:
+    """A local path written as a path (not a file:// URI)."""
+    return is_local(where) and not urlsplit(where).scheme
 
 
 def write_bytes(dest: str, data: bytes) -> None:
-    if is_uri(dest):
-        fs, path = pafs.FileSystem.from_uri(dest)
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    fs, path = resolve(dest)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(posixpath.dirname(path), recursive=True)
         with fs.open_output_stream(path) as f:  # object stores publish a key atomically
             f.write(data)
         return
-    target = Path(dest)
+    target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
@@ -48,29 +106,49 @@ def write_bytes(dest: str, data: bytes) -> None:
 
 def read_bytes(src: str) -> bytes | None:
     """The file's bytes, or None when it does not exist."""
-    if is_uri(src):
-        fs, path = pafs.FileSystem.from_uri(src)
-        if fs.get_file_info(path).type != pafs.FileType.File:
-            return None
-        with fs.open_input_stream(path) as f:
-            return f.read()
-    path = Path(src)
-    return path.read_bytes() if path.is_file() else None
+    fs, path = resolve(src)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return f.read()
 
 
 def exists(path: str) -> bool:
     """Whether a file is there (without reading it)."""
-    if is_uri(path):
-        fs, inner = pafs.FileSystem.from_uri(path)
-        return fs.get_file_info(inner).type == pafs.FileType.File
-    return Path(path).is_file()
+    fs, inner = resolve(path)
+    return fs.get_file_info(inner).type == pafs.FileType.File
+
+
+def is_dir(path: str) -> bool:
+    fs, inner = resolve(path)
+    return fs.get_file_info(inner).type == pafs.FileType.Directory
+
+
+def listdir(path: str) -> list[str]:
+    """The names directly under a folder ([] when it is not there)."""
+    fs, inner = resolve(path)
+    infos = fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
+    return sorted(info.base_name for info in infos)
 
 
 def delete(path: str) -> None:
     """Remove a file if it exists."""
-    if is_uri(path):
-        fs, inner = pafs.FileSystem.from_uri(path)
-        if fs.get_file_info(inner).type == pafs.FileType.File:
-            fs.delete_file(inner)
-        return
-    Path(path).unlink(missing_ok=True)
+    fs, inner = resolve(path)
+    if fs.get_file_info(inner).type == pafs.FileType.File:
+        fs.delete_file(inner)
+
+
+def check_writable(root: str, flag: str = "--storage") -> None:
+    """Write and delete a marker under ``root`` now, so that a misspelt bucket, missing
+    credentials or an unreachable endpoint is one line before anything starts."""
+    import uuid
+    marker = join(root, f".write-check-{uuid.uuid4().hex}")
+    try:
+        write_bytes(marker, b"")
+        delete(marker)
+    except OSError as exc:
+        detail = " ".join(str(exc).split())[:300]
+        hint = ("create the folder or pick another" if is_local(root) else
+                "check the bucket name, the credentials (AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, or the cloud's own) and the endpoint")
+        raise UsageError(f"{flag} {root} cannot be written ({detail}); {hint}") from None

@@ -5,6 +5,7 @@ and the report (``analysis/report.html``)."""
 from __future__ import annotations
 
 import json
+import shlex
 from typing import Any
 
 import ray
@@ -73,8 +74,9 @@ def print_next_steps(exp_dir: str, summary: dict[str, Any]) -> None:
     """The report (written now: it takes seconds), and where the winner's outputs are."""
     out = storage.join(exp_dir, "analysis")
     write_analysis(open_experiment(exp_dir), out)
-    print(f"report: {storage.join(out, 'report.html')} (python -m jobs.analyze {exp_dir} "
-          "refreshes it)", flush=True)
+    # Quoted for a shell: an s3:// location's query holds '&'.
+    command = shlex.join(["python", "-m", "jobs.analyze", exp_dir])
+    print(f"report: {storage.join(out, 'report.html')} ({command} refreshes it)", flush=True)
     print(f"best model: {summary['model_export']}; its schedule: {summary['schedule']}",
           flush=True)
     if summary["gradcam"]:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from resnet.errors import UsageError
+from resnet.infra import storage
 from resnet.models import FlipTTA, build_model
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -21,25 +22,29 @@ def save_state(directory: str | Path, state: dict[str, Any]) -> None:
 
 
 def load_state(checkpoint, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint dict from a ``ray.train.Checkpoint``, its directory or the file itself.
+    """Read a checkpoint dict from a ``ray.train.Checkpoint``, or a location (local path or URI,
+    ``resnet/infra/storage.py``) of its folder or of the file itself.
 
     ``weights_only=True``: tensors and plain containers only, never arbitrary pickled objects.
     """
     if hasattr(checkpoint, "as_directory"):
         with checkpoint.as_directory() as directory:
             return load_state(directory, map_location)
-    path = Path(checkpoint)
-    if path.is_dir():
-        path = path / CHECKPOINT_FILE
-    if path.suffix == ".pt2":
-        raise UsageError(f"{path} is an exported model (torch.export), not a checkpoint; pass the "
-                         f"{CHECKPOINT_FILE} it was exported from (summary.json: best_checkpoint)")
+    path = str(checkpoint)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise UsageError(f"checkpoint {path} does not exist") from None
-    except OSError as exc:  # the storage, not the file: unmounted, no permission
+        if storage.is_dir(path):
+            path = storage.join(path, CHECKPOINT_FILE)
+        if storage.resolve(path)[1].endswith(".pt2"):
+            raise UsageError(f"{path} is an exported model (torch.export), not a checkpoint; pass "
+                             f"the {CHECKPOINT_FILE} it was exported from (summary.json: "
+                             "best_checkpoint)")
+        data = storage.read_bytes(path)
+    except OSError as exc:  # the storage, not the file: unmounted, no permission, unreachable
         raise UsageError(f"checkpoint {path} cannot be read ({exc.strerror or exc})") from None
+    if data is None:
+        raise UsageError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated files and foreign pickles fail in many ways
         raise UsageError(f"checkpoint {path} is corrupt or not a checkpoint of this project "
                          f"({type(exc).__name__}); pass a checkpoint.pt written by jobs.train") from None

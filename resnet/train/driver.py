@@ -98,10 +98,10 @@ def device_of(config: TrainConfig) -> torch.device:
 
 def make_trainer(config: TrainConfig, data_ref: ray.ObjectRef, name: str, storage_path: str,
                  callbacks: list | None = None, trial_id: str | None = None,
-                 start_from: str | None = None) -> TorchTrainer:
+                 start_from: ray.train.Checkpoint | None = None) -> TorchTrainer:
     """The ``TorchTrainer`` of one run: ``config.num_workers`` DDP workers running
     ``train_fn_per_worker``, keeping the best checkpoint by val_acc plus the latest. A new run
-    may start from ``start_from``, another run's checkpoint (path or URI), at its epoch and step
+    may start from ``start_from``, another run's checkpoint (in any filesystem), at its epoch and step
     (Ray Train V2 refuses ``resume_from_checkpoint``: the worker loads it, as Ray advises)."""
     resources = {"CPU": config.cpus_per_worker,
                  **({"GPU": config.gpus_per_worker} if config.use_gpu else {})}
@@ -132,7 +132,8 @@ def compile_cache(storage_root: str) -> str | None:
     (None for a URI: each node then uses Inductor's default)."""
     if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
         return os.environ["TORCHINDUCTOR_CACHE_DIR"]
-    return None if storage.is_uri(storage_root) else storage.join(storage_root, ".inductor-cache")
+    local = storage.local_path(storage_root)
+    return os.path.join(local, ".inductor-cache") if local else None
 
 
 def export_best(checkpoint: ray.train.Checkpoint, config: TrainConfig, splits: Splits,
@@ -147,6 +148,7 @@ def export_best(checkpoint: ray.train.Checkpoint, config: TrainConfig, splits: S
 def train_driver_fn(config: TrainConfig) -> dict[str, Any]:
     """Run one training run end to end and return its summary."""
     started = time.time()
+    storage.check_writable(storage.absolute(config.storage))  # a bad --storage fails first
     timing.mark("data_start")
     cached, load = open_dataset(config.data)
     with ThreadPoolExecutor(1) as background:
@@ -213,8 +215,9 @@ def checked_splits(config: TrainConfig, dataset: Dataset) -> Splits:
 def storage_problem(run_dir: str) -> str | None:
     """Why the run folder cannot be written to now (None when it can): a failed run checks
     this first, since a vanished mount surfaces in Ray Train as some worker's I/O error."""
-    if not storage.is_uri(run_dir) and not os.path.isdir(run_dir):  # run.json made it before
-        return "it is no longer a directory" if os.path.exists(run_dir) else "it is gone"
+    local = storage.local_path(run_dir)
+    if local and not os.path.isdir(local):  # run.json made it before
+        return "it is no longer a directory" if os.path.exists(local) else "it is gone"
     probe = storage.join(run_dir, f".write-check-{uuid.uuid4().hex}")
     try:
         storage.write_bytes(probe, b"")

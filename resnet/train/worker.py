@@ -83,8 +83,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     start_epoch, best_acc, best_epoch, history = 0, -math.inf, 0, []
     # This run's own latest checkpoint (a restarted worker group or a re-run), else the one it
     # was told to start from (a PBT clone starts from its donor's): continue at its epoch, step.
-    checkpoint = ray.train.get_checkpoint() or (
-        ray.train.Checkpoint(loop_config["start_from"]) if loop_config.get("start_from") else None)
+    checkpoint = ray.train.get_checkpoint() or loop_config.get("start_from")
     if checkpoint:
         state = load_state(checkpoint, map_location=device)
         load_state_dict(loop, state)

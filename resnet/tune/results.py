@@ -85,6 +85,16 @@ def checkpointed_history(run: str) -> list[dict[str, Any]]:
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)["history"]
 
 
+def located(exp_dir: str, recorded: Any) -> str | None:
+    """Where a checkpoint recorded in a trial's rows is now: its place under this sweep's
+    ``train_runs/``. The sweep may have been copied or moved since (a local folder, a bucket
+    behind another endpoint), and rows written before 2026-12 hold local paths."""
+    if not isinstance(recorded, str) or not recorded:
+        return None
+    _, sep, tail = storage.resolve(recorded)[1].rpartition(f"/{TRAIN_RUNS}/")
+    return storage.join(exp_dir, TRAIN_RUNS, *tail.split("/")) if sep else recorded
+
+
 def collect_results(exp_dir: str, base: TrainConfig, target: float) -> SweepResults:
     """Every trial of the experiment in ``exp_dir``, as rows, plus the winner."""
     analysis = ExperimentAnalysis(exp_dir)
@@ -95,6 +105,7 @@ def collect_results(exp_dir: str, base: TrainConfig, target: float) -> SweepResu
         variants = [c for c in rows.columns if c.startswith("val_acc_")]  # --eval-variants
         rows = rows.reindex(columns=[*METRICS, *variants]).copy()
         rows = with_checkpointed_epochs(rows, exp_dir, trial.trial_id)
+        rows["checkpoint_path"] = [located(exp_dir, p) for p in rows["checkpoint_path"]]
         if "epoch" in rows and len(rows):  # a resumed trial may re-report an epoch: keep the last
             rows = rows.drop_duplicates("epoch", keep="last")
         config = configs[trial.trial_id] = trial_config(base, trial.config, check=False)

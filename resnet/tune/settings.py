@@ -120,6 +120,7 @@ def make_sweep(train_flags: dict[str, Any], sweep_flags: dict[str, Any],
     """
     given = {k: v for k, v in train_flags.items() if v is not None}
     make_config(SWEEP_PRESET, **given)  # bad flags fail here, before Ray starts
+    storage.check_writable(storage.absolute(given.get("storage", TrainConfig.storage)))
     if sweep_flags.get("resume"):
         return resume_sweep(train_flags, sweep_flags)
     scheduler, search = sweep_flags.get("scheduler") or "asha", sweep_flags.get("search") or "random"

@@ -35,13 +35,14 @@ SOURCE_FILE = "source.json"  # in a Tune checkpoint: {"trial_id", "run", "epoch"
 
 
 class ForwardToTune(ray.train.UserCallback):
-    """Runs in the Train controller: puts (metrics of rank 0, checkpoint path) on the queue."""
+    """Runs in the Train controller: puts (metrics of rank 0, the persisted checkpoint) on the
+    queue. The checkpoint carries the filesystem Ray Train resolved and a path inside it."""
 
     def __init__(self, epochs: Queue) -> None:
         self.epochs = epochs
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        self.epochs.put((dict(metrics[0]), checkpoint.path if checkpoint else None))
+        self.epochs.put((dict(metrics[0]), checkpoint))
 
 
 def train_trial(params: dict[str, Any], base: dict[str, Any], data: dict[str, Any],
@@ -54,14 +55,14 @@ def train_trial(params: dict[str, Any], base: dict[str, Any], data: dict[str, An
     # Ray propagates this variable from here to the trial's Train controller.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     run, resume, clone = trial_id, None, None
-    restored = tune.get_checkpoint()
+    restored = tune.get_checkpoint()  # in Tune's storage: its filesystem and a path inside it
     if restored is not None:
-        source = json.loads(open(os.path.join(restored.path, SOURCE_FILE)).read())
+        source = json.loads(read_file(restored, SOURCE_FILE))
         if source["trial_id"] == trial_id:  # our own: the Train run resumes from its snapshot
             run = source["run"]
         else:  # another trial's (PBT): a new Train run of ours, from its weights
             run = f"{trial_id}-from-{source['trial_id']}-e{source['epoch']}"
-            resume = restored.path
+            resume = restored
             clone = {"cloned_from": source["trial_id"], "cloned_at_epoch": source["epoch"]}
     epochs = Queue(actor_options={"num_cpus": 0})
     trainer = make_trainer(config, data["ref"], run, train_storage,
@@ -79,27 +80,34 @@ def train_trial(params: dict[str, Any], base: dict[str, Any], data: dict[str, An
     fitting.start()
     while fitting.is_alive() or not epochs.empty():
         try:
-            metrics, path = epochs.get(timeout=0.5)
+            metrics, checkpoint = epochs.get(timeout=0.5)
         except (Empty, queue.Empty):
             continue
-        report(metrics, path, trial_id, run, clone)
+        report(metrics, checkpoint, train_storage, trial_id, run, clone)
         clone = None  # the clone is marked on its first epoch only
     fitting.join()
     if "error" in outcome:
         raise outcome["error"]
 
 
-def report(metrics: dict[str, Any], path: str | None, trial_id: str, run: str,
-           clone: dict[str, Any] | None) -> None:
-    """One epoch to Tune: metrics (with the Train checkpoint's path, and the clone if it is the
-    first epoch after one) and a Tune checkpoint."""
+def read_file(checkpoint: ray.train.Checkpoint, name: str) -> bytes:
+    """A file of a persisted checkpoint, through the filesystem Ray resolved for it."""
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{name}") as f:
+        return f.read()
+
+
+def report(metrics: dict[str, Any], checkpoint: ray.train.Checkpoint | None, train_storage: str,
+           trial_id: str, run: str, clone: dict[str, Any] | None) -> None:
+    """One epoch to Tune: metrics (with the Train checkpoint's location, and the clone if it is
+    the first epoch after one) and a Tune checkpoint."""
+    path = storage.within(train_storage, checkpoint.path) if checkpoint else None
     row = {**metrics, "checkpoint_path": path, **(clone or {})}
-    if path is None:
+    if checkpoint is None:
         tune.report(row)
         return
     with tempfile.TemporaryDirectory() as directory:
-        with open(os.path.join(directory, CHECKPOINT_FILE), "wb") as f:  # path may be a URI
-            f.write(storage.read_bytes(storage.join(path, CHECKPOINT_FILE)))
+        with open(os.path.join(directory, CHECKPOINT_FILE), "wb") as f:
+            f.write(read_file(checkpoint, CHECKPOINT_FILE))
         with open(os.path.join(directory, SOURCE_FILE), "w") as f:
             json.dump({"trial_id": trial_id, "run": run, "epoch": metrics["epoch"]}, f)
         tune.report(row, checkpoint=tune.Checkpoint.from_directory(directory))
