@@ -22,6 +22,11 @@ os.environ["RAY_DEDUP_LOGS"] = "0"
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.pop("RAY_ADDRESS", None)
 os.environ.pop("CIFAR10_DATA", None)
+# Credentials for the tests' own S3 server (moto takes any), in the environment before any Ray
+# starts: Ray's workers, which write checkpoints to the bucket, inherit it. No instance metadata
+# lookups (the AWS SDK would otherwise ask a cloud's metadata address for credentials).
+os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                  AWS_EC2_METADATA_DISABLED="true")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-train-jpeg.tar.xz"
@@ -88,12 +93,10 @@ S3_BUCKET = "runs"
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """moto's S3 server on 127.0.0.1 and a free port, with a bucket; the credentials it takes
-    are in this process's environment (the jobs the tests start inherit them). Yields the
-    query every s3:// location of this server carries."""
+    """moto's S3 server on 127.0.0.1 and a free port, with a bucket (the credentials are set
+    above, for every process the tests start). Yields the query every s3:// location of this
+    server carries."""
     from moto.server import ThreadedMotoServer
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                      AWS_EC2_METADATA_DISABLED="true")
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

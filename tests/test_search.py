@@ -12,34 +12,45 @@ import pytest
 from resnet.train.checkpoint import load_state, weights_digest
 from resnet.config import make_config
 from resnet.tune.replay import read_schedule
-from tests.conftest import run_job
+from resnet.infra import storage
+from tests.conftest import download, run_job, s3_location, trial_runs
 from tests.test_faults import interrupt
 
 pytestmark = pytest.mark.ray
 
 
-def tiny_sweep(tmp_path, archive, space: dict, *flags: str) -> list[str]:
+def tiny_sweep(tmp_path, archive, space: dict, *flags: str, root: str | None = None) -> list[str]:
     (tmp_path / "space.json").write_text(json.dumps(space))
     return ["--data", str(archive), "--model", "tiny", "--space", str(tmp_path / "space.json"),
             "--subset", "512", "--val-size", "200", "--cpu", "--gradcam-images", "0",
-            "--storage", str(tmp_path), *flags]
+            "--storage", root or str(tmp_path), *flags]
 
 
-@pytest.fixture(scope="module")
-def pbt(ray_local, shared_archive, tmp_path_factory):
+def storage_for(request, tmp) -> str:
+    """The storage root of a test parametrised over ``local`` and ``s3``."""
+    if request.param == "local":
+        return str(tmp)
+    return s3_location(request.getfixturevalue("s3_server"), tmp.name)
+
+
+@pytest.fixture(scope="module", params=["local", "s3"])
+def pbt(request, ray_local, shared_archive, tmp_path_factory):
     """4 trials x 4 epochs, a perturbation every epoch, 2 at a time (PBT pauses and resumes
     them in turn): two cannot learn (LR 1e-5) and are the bottom of the population at their
     reports, so one of them clones a trial that learns (LR 0.2) once that one has been top at a
     report of its own (asynchronous PBT checkpoints a donor then)."""
     from jobs.tune import main
-    tmp = tmp_path_factory.mktemp("pbt")
+    tmp = tmp_path_factory.mktemp(f"pbt-{request.param}")
+    root = storage_for(request, tmp)
     space = {"schedule": "onecycle", "lr": {"grid": [1e-5, 0.2]}, "batch_size": 64,
              "ema": 0.0, "tta": False}
     code = main(tiny_sweep(tmp, shared_archive, space, "--samples", "2", "--epochs", "4",
                            "--scheduler", "pbt", "--perturbation-interval", "1",
-                           "--max-concurrent", "2", "--name", "pbt"))
+                           "--max-concurrent", "2", "--name", "pbt", root=root))
     assert code == 0
-    return tmp / "pbt"
+    # A local copy to read with pathlib (for S3: downloaded from the bucket).
+    return tmp / "pbt" if request.param == "local" else download(storage.join(root, "pbt"),
+                                                                 tmp / "copy")
 
 
 def test_a_pbt_clone_starts_from_its_donors_weights(pbt):
@@ -83,18 +94,25 @@ def test_the_winners_schedule_replays_epoch_by_epoch(pbt, shared_archive, tmp_pa
     assert replayed["lr_peak"].tolist()[:len(recorded)] == [e["lr_peak"] for e in recorded]
 
 
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path) -> str:
+    return storage_for(request, tmp_path)
+
+
 @pytest.mark.e2e
-def test_optuna_proposes_the_trials_runs_with_asha_and_resumes(shared_archive, tmp_path):
+def test_optuna_proposes_the_trials_runs_with_asha_and_resumes(shared_archive, tmp_path, root):
     space = {"schedule": "onecycle", "lr": {"loguniform": [0.01, 0.3]}, "batch_size": 64,
              "label_smoothing": {"uniform": [0.0, 0.2]}}
     args = ["jobs.tune", *tiny_sweep(tmp_path, shared_archive, space, "--samples", "4",
                                      "--epochs", "3", "--search", "optuna", "--scheduler", "asha",
-                                     "--max-concurrent", "1", "--name", "optuna")]
-    exp = tmp_path / "optuna"
-    stopped, _ = interrupt(args, lambda: list((exp / "train_runs").glob("*")), tmp_path)
+                                     "--max-concurrent", "1", "--name", "optuna", root=root)]
+    runs = storage.join(root, "optuna", "train_runs")
+    stopped, _ = interrupt(args, lambda: trial_runs(runs), tmp_path)
     assert stopped.returncode == 130, stopped.stderr[-3000:]
     done = run_job(*args, "--resume")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    exp = download(storage.join(root, "optuna"), tmp_path / "copy") if not storage.is_local(root) \
+        else tmp_path / "optuna"
     assert json.loads((exp / "sweep.json").read_text())["sweep"]["search"] == "optuna"
     trials = pd.read_parquet(exp / "trials.parquet")
     assert trials["trial_id"].nunique() == 4
