@@ -17,7 +17,7 @@ from resnet.train.driver import train_driver_fn
 from resnet.errors import UsageError
 from resnet.models import build_model
 from resnet.train.loop import evaluate
-from tests.conftest import LOOPBACK, descendants, listening_sockets
+from tests.conftest import LOOPBACK, descendants, listening_sockets, reported_epoch, wait_for
 
 pytestmark = pytest.mark.ray
 
@@ -105,12 +105,25 @@ def test_storage_check_reads_a_marker_back_on_every_node(ray_local, tmp_path):
         check_shared_storage("/proc/no-such-storage")
 
 
-def test_the_embedded_ray_listens_on_loopback_only(ray_local):
+def test_the_embedded_ray_listens_on_loopback_only(ray_local, shared_archive, tmp_path):
+    """While a 2-worker run trains: this process (the driver) and every process it started
+    (GCS, raylet, dashboard, agents, the Train workers with torch.distributed's rendezvous store
+    and gloo's sockets) listen on 127.0.0.1 only."""
+    from tests.test_faults import in_background
     assert {node["NodeManagerAddress"] for node in ray_local.nodes()} == {"127.0.0.1"}
-    # This process (the driver) and every process it started: GCS, raylet, dashboard, agents,
-    # workers. A torch.distributed store of a running training run is not among them.
-    addresses = {a for a, _ in listening_sockets([os.getpid(), *descendants(os.getpid())])}
-    assert addresses and addresses <= LOOPBACK, addresses
+    config = make_config(model="tiny", data=str(shared_archive), subset=1000, val_size=200,
+                         epochs=3, batch_size=64, num_workers=2, cpus_per_worker=1,
+                         storage=str(tmp_path), name="loopback")
+    run = in_background(lambda out: out.update(summary=train_driver_fn(config)))
+    wait_for(lambda: reported_epoch(tmp_path / "loopback") >= 1 or not run["thread"].is_alive(),
+             timeout=600)
+    sockets = listening_sockets([os.getpid(), *descendants(os.getpid())])
+    run["thread"].join(timeout=600)
+    assert "error" not in run, run.get("error")
+    assert {a for a, _ in sockets} <= LOOPBACK, sockets
+    # The check saw the rendezvous store (its port, as the run recorded it) while it listened.
+    host, port = run["summary"]["final_metrics"]["rendezvous"].rsplit(":", 1)
+    assert host == "127.0.0.1" and f"{int(port):04X}" in {p for _, p in sockets}, sockets
 
 
 def test_tied_val_acc_the_best_epoch_export_and_test_acc_agree(ray_local, cifar, tmp_path):

@@ -36,6 +36,7 @@ from resnet.infra.provenance import provenance
 from resnet.models import trainable_param_count
 from resnet.train.checkpoint import export_model, inference_model, load_state
 from resnet.train.loop import EVAL_PRECISION, evaluate, train_precision
+from resnet.train.rendezvous import LoopbackTorchConfig
 from resnet.train.worker import train_fn_per_worker
 
 # Keys that may change between a run and its resumption: where and on what it runs. Not
@@ -107,6 +108,7 @@ def make_trainer(config: TrainConfig, data_ref: ray.ObjectRef, name: str, storag
                  **({"GPU": config.gpus_per_worker} if config.use_gpu else {})}
     return TorchTrainer(
         train_fn_per_worker,
+        torch_config=LoopbackTorchConfig(),  # one node: the DDP rendezvous stays on 127.0.0.1
         train_loop_config={"config": config.to_dict(), "data": data_ref, "trial_id": trial_id,
                            "log_prefix": f"[{trial_id}] " if trial_id else "",
                            "compile_cache": compile_cache(storage_path),

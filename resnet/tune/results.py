@@ -24,7 +24,7 @@ TRAIN_RUNS = "train_runs"  # <sweep>/train_runs/<trial id>/: each trial's Ray Tr
 METRICS = ("epoch", "lr", "loss", "acc", "val_loss", "val_acc", "epoch_s", "samples_per_s",
            "step", "diverged", "world_size", "node_ids", "node_ips", "pids", "rendezvous", "gpu_mem_mb",
            "start_weights", "lr_peak", "momentum", "weight_decay", "trained_by", "cloned_from",
-           "cloned_at_epoch", "checkpoint_path", "time_total_s")
+           "cloned_at_epoch", "checkpoint_path", "train_run", "trial_node_id", "time_total_s")
 TABLE_KEYS = ("schedule", "lr", "batch_size", "weight_decay", "label_smoothing", "warmup_frac",
               "final_lr_ratio")
 

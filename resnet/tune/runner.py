@@ -35,7 +35,14 @@ from resnet.tune.settings import SWEEP_FILE, SweepConfig, plan_resources
 from resnet.tune.space import keras_point, largest, load_space, read_space_file
 from resnet.tune.trial import train_trial
 
-TRIAL_DRIVER_MEMORY = 256 * 2**20  # bytes reserved by each trial's driver process
+# What each trial's own process reserves: it only drives its TorchTrainer (the Train workers
+# reserve the CPUs and GPUs), so memory, not a CPU (which would leave a core idle per trial), on
+# the head node, as Ray pins its own Train state actor: a trial's process and its Train
+# controller (which Ray starts on the same node) never sit on a worker node that may be lost.
+# Losing a worker node then costs a restart of the trial's workers from its latest checkpoint
+# (Ray Train's FailureConfig), not the trial (Tune's FailureConfig stays at 0: a trial that
+# fails for its own reasons is not run again).
+TRIAL_DRIVER = {"CPU": 0, "memory": 256 * 2**20, "node:__internal_head__": 0.001}
 UNFINISHED = ("running", "pending", "paused")  # trial statuses after an interrupted fit()
 
 
@@ -85,10 +92,7 @@ def run_trials(sweep: SweepConfig) -> SweepRun:
     trainable = tune.with_parameters(
         train_trial, base=base.to_dict(), data={"ref": ray.put(splits)},
         train_storage=storage.join(exp_dir, TRAIN_RUNS))
-    # A trial's own process only drives its TorchTrainer: the Train workers reserve the CPUs
-    # and GPUs. Ray needs a non-empty request, so the trial reserves memory, not a CPU (a CPU
-    # here would leave one core idle per trial).
-    trainable = tune.with_resources(trainable, {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
+    trainable = tune.with_resources(trainable, TRIAL_DRIVER)
     tuner = make_tuner(sweep, trainable, space, root, name, concurrent, exp_dir)
     # The settings before any trial (jobs.analyze reads a running sweep with them, --resume
     # compares with them); a resumed sweep keeps the ones it started with. After make_tuner,

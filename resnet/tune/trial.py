@@ -21,9 +21,11 @@ import tempfile
 import threading
 from typing import Any
 
+import ray
 import ray.train
 from ray import tune
 from ray.util.queue import Empty, Queue
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from resnet.config import TrainConfig
 from resnet.infra import storage
@@ -64,7 +66,13 @@ def train_trial(params: dict[str, Any], base: dict[str, Any], data: dict[str, An
             run = f"{trial_id}-from-{source['trial_id']}-e{source['epoch']}"
             resume = restored
             clone = {"cloned_from": source["trial_id"], "cloned_at_epoch": source["epoch"]}
-    epochs = Queue(actor_options={"num_cpus": 0})
+    # On each row: the Train run that trained it, and where this process (and the Train
+    # controller Ray starts beside it) runs.
+    node = ray.get_runtime_context().get_node_id()
+    where = {"train_run": run, "trial_node_id": node}
+    # The queue's actor beside this process (and the controller): not on a node that may go.
+    epochs = Queue(actor_options={"num_cpus": 0, "scheduling_strategy":
+                                  NodeAffinitySchedulingStrategy(node, soft=False)})
     trainer = make_trainer(config, data["ref"], run, train_storage,
                            callbacks=[ForwardToTune(epochs)], trial_id=trial_id,
                            start_from=resume)
@@ -83,7 +91,7 @@ def train_trial(params: dict[str, Any], base: dict[str, Any], data: dict[str, An
             metrics, checkpoint = epochs.get(timeout=0.5)
         except (Empty, queue.Empty):
             continue
-        report(metrics, checkpoint, train_storage, trial_id, run, clone)
+        report({**metrics, **where}, checkpoint, train_storage, trial_id, run, clone)
         clone = None  # the clone is marked on its first epoch only
     fitting.join()
     if "error" in outcome:
