@@ -1,5 +1,5 @@
 """A real multi-node Ray cluster on this machine, for tests/test_multinode.py: a head node (no
-CPUs for training, the dashboard for ``ray job submit``) and worker nodes with 1 CPU each, each a
+CPUs for training, the dashboard for ``ray job submit``) and worker nodes with 2 CPUs each, each a
 raylet of its own on 127.0.0.1 (``ray.cluster_utils.Cluster``, Ray's own test utility).
 
 Run as ``python tests/multinode_cluster.py INFO_FILE WORKERS``: it writes the head's addresses
@@ -34,9 +34,9 @@ def main(info_file: str, workers: int) -> None:
         "dashboard_host": "127.0.0.1", "dashboard_port": free_port(),
         "dashboard_agent_listen_port": free_port(), "metrics_export_port": free_port(),
         "runtime_env_agent_port": free_port()})
-    nodes = [cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1") for _ in range(workers)]
+    nodes = [cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1") for _ in range(workers)]
     cluster.wait_for_nodes()
-    info = {"gcs_address": cluster.gcs_address,
+    info = {"gcs_address": cluster.gcs_address, "head_node_id": cluster.head_node.node_id,
             "dashboard_url": f"http://{cluster.head_node.webui_url}",
             "nodes": [{"node_id": node.node_id,
                        "raylet_pid": node.all_processes["raylet"][0].process.pid}
