@@ -42,8 +42,9 @@ class Payload:
         return (Path.touch, (self.marker,))
 
 
-def build_inputs(tmp: Path, cifar, archive: Path) -> dict[str, list[str]]:
-    """Each case's command line, ``[job, *args]``, with the files it needs written under ``tmp``."""
+def build_inputs(tmp: Path, cifar, archive: Path, s3: str) -> dict[str, list[str]]:
+    """Each case's command line, ``[job, *args]``, with the files it needs written under ``tmp``;
+    ``s3``: the query of the session's S3 server."""
     data = ["--data", str(archive)]
     nine = write_tree(tmp / "nine", cifar, test=0)
     shutil.rmtree(nine / "train" / "truck")
@@ -106,13 +107,19 @@ def build_inputs(tmp: Path, cifar, archive: Path) -> dict[str, list[str]]:
         "resume-nothing": ["jobs.tune", *data, "--resume", "--name", "nothing"],
         "lr-schedule-not-a-schedule": ["jobs.train", *data, "--lr-schedule",
                                        str(tmp / "not-a-schedule.json")],
+        # Storage: the bucket is not there, the endpoint does not answer, no such filesystem.
+        "storage-no-such-bucket": ["jobs.tune", *data, "--storage",
+                                   f"s3://no-such-bucket/sweeps?{s3}"],
+        "storage-unreachable": ["jobs.train", *data, "--storage", "s3://runs/x?endpoint_override="
+                                "http://127.0.0.1:9&region=us-east-1"],
+        "storage-unknown-scheme": ["jobs.train", *data, "--storage", "nosuchfs://bucket/runs"],
     }
 
 
 @pytest.fixture(scope="module")
-def inputs(cifar, shared_archive, tmp_path_factory):
+def inputs(cifar, shared_archive, tmp_path_factory, s3_server):
     tmp = tmp_path_factory.mktemp("bad-input")
-    return tmp, build_inputs(tmp, cifar, shared_archive)
+    return tmp, build_inputs(tmp, cifar, shared_archive, s3_server)
 
 
 def test_the_table_and_the_cases_match(inputs):
@@ -148,7 +155,8 @@ def test_bad_input_is_one_line_and_writes_nothing(case, inputs, capsys, tmp_path
     tmp, commands = inputs
     job, *args = commands[case]
     out = tmp_path / "out"
-    args += ["--out", str(out)] if job == "jobs.gradcam" else ["--storage", str(out)]
+    if "--storage" not in args:
+        args += ["--out", str(out)] if job == "jobs.gradcam" else ["--storage", str(out)]
     if case == "data-unreadable":
         code, err = run_unprivileged(job, args)
     else:

@@ -46,19 +46,20 @@ def _from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def is_local(where: str) -> bool:
-    return isinstance(resolve(where)[0], pafs.LocalFileSystem)
+    return local_path(where) is not None
 
 
 def absolute(where: str) -> str:
     """The location as Ray needs it: an absolute local path, or the URI unchanged."""
-    fs, path = resolve(where)
-    return path if _plain_local(where) else where
+    return resolve(where)[1] if _plain_local(where) else where
 
 
 def local_path(where: str) -> str | None:
-    """The path on this machine's disk, or None when the location is remote."""
-    fs, path = resolve(where)
-    return path if isinstance(fs, pafs.LocalFileSystem) else None
+    """The path on this machine's disk, or None when the location is remote. Path arithmetic
+    only: it asks no remote filesystem anything."""
+    if _plain_local(where) or urlsplit(where).scheme == "file":
+        return resolve(where)[1]
+    return None
 
 
 def join(where: str, *parts: str) -> str:
@@ -80,8 +81,8 @@ def within(where: str, fs_path: str) -> str:
 
 
 def _plain_local(where: str) -> bool:
-    """A local path written as a path (not a file:// URI)."""
-    return is_local(where) and not urlsplit(where).scheme
+    """A local path written as a path: no URI scheme (a file:// URI is joined as a URI)."""
+    return len(urlsplit(where).scheme) < 2  # "" (a path), or a Windows drive letter
 
 
 def write_bytes(dest: str, data: bytes) -> None:
