@@ -66,6 +66,10 @@ class TrainConfig:
     # epoch (peak LR, momentum, weight decay), the schedule's shape scaled by each epoch's peak;
     # epochs past the list keep its last entry. Empty: the LR above, the whole run.
     lr_by_epoch: tuple[tuple[float, float, float], ...] = ()
+    # A replayed schedule's LR of every step, per epoch, as its workers logged it (the shape of
+    # each epoch's own run, which along a PBT lineage is a donor's); epochs past the record
+    # follow lr_by_epoch. Empty: the schedule computes the LR.
+    lr_by_step: tuple[tuple[float, ...], ...] = ()
     # Augmentation, drawn per epoch from (seed, epoch).
     augment: str = "crop"  # crop: pad, crop and flip; keras: 0.1 shifts, nearest fill, flip
     # crop's zero padding in pixels, hence its largest shift: a random crop moves an image by up
@@ -117,9 +121,9 @@ class TrainConfig:
         values = dict(values)
         if values.get("milestones") is not None:
             values["milestones"] = tuple((int(e), float(f)) for e, f in values["milestones"])
-        if values.get("lr_by_epoch") is not None:
-            values["lr_by_epoch"] = tuple(tuple(float(v) for v in row)
-                                          for row in values["lr_by_epoch"])
+        for key in ("lr_by_epoch", "lr_by_step"):
+            if values.get(key) is not None:
+                values[key] = tuple(tuple(float(v) for v in row) for row in values[key])
         config = cls(**values)
         return config.validated() if check else config
 
@@ -128,6 +132,7 @@ class TrainConfig:
         out = dataclasses.asdict(self)
         out["milestones"] = [list(m) for m in self.milestones]
         out["lr_by_epoch"] = [list(m) for m in self.lr_by_epoch]
+        out["lr_by_step"] = [list(m) for m in self.lr_by_step]
         return out
 
     def replace(self, **changes: Any) -> "TrainConfig":
@@ -181,6 +186,8 @@ class TrainConfig:
             _check(peak > 0 and momentum >= 0 and decay >= 0,
                    f"--lr-schedule: epoch values (lr {peak}, momentum {momentum}, weight decay "
                    f"{decay}) must be positive")
+        _check(all(math.isfinite(v) and v >= 0 for row in self.lr_by_step for v in row),
+               "--lr-schedule: every recorded step's LR must be >= 0")
         for epoch, factor in self.milestones:
             _check(epoch >= 1 and factor > 0,
                    f"milestone {epoch}:{factor} must have an epoch >= 1 and a factor > 0")

@@ -100,3 +100,21 @@ def test_per_trial_ranks_by_a_loss_lowest_first(tmp_path):
     assert ranked["trial"].tolist() == ["a", "b"] and ranked["best_val_loss"].tolist() == [0.9, 1.2]
     by_acc = per_trial(trials, 0.88)
     assert by_acc["trial"].tolist() == ["b", "a"]
+
+
+def test_a_trial_rescued_after_diverging_can_win_at_an_epoch_after_the_rescue(tmp_path):
+    """PBT: trial b diverged at epoch 2, then cloned a donor at epoch 2 and went on; its status
+    and its best epoch are per row: the diverged row never wins, the rows after the rescue do."""
+    from resnet.tune.results import trial_status
+    rows = [("a", 1, 0.30, "completed"), ("a", 2, 0.40, "completed"), ("a", 3, 0.45, "completed"),
+            ("b", 1, 0.20, "completed"), ("b", 2, 0.95, "completed"), ("b", 3, 0.50, "completed")]
+    trials = table(tmp_path, rows)
+    trials.loc[(trials["trial_id"] == "b") & (trials["epoch"] == 2), "diverged"] = True
+    b = trials[trials["trial_id"] == "b"]
+    assert trial_status("TERMINATED", b, epochs=3) == "completed"  # rescued: it ended training
+    assert trial_status("TERMINATED", b[b["epoch"] <= 2], epochs=3) == "diverged"  # ended there
+    trials["status"] = trials["trial_id"].map({"a": "completed", "b": "completed"})
+    best = best_row(trials)
+    assert (best["trial_id"], best["epoch"]) == ("b", 3)  # not the diverged row's 0.95
+    table_rows = per_trial(trials, 0.88).set_index("trial")
+    assert table_rows.loc["b", "best_epoch"] == 3 and table_rows.loc["b", "best_val_acc"] == 0.5

@@ -4,6 +4,8 @@ ASHA, interrupted and resumed. Tiny model, real images, the session's Ray."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 import pandas as pd
@@ -38,16 +40,20 @@ def pbt(request, ray_local, shared_archive, tmp_path_factory):
     """4 trials x 4 epochs, a perturbation every epoch, 2 at a time (PBT pauses and resumes
     them in turn): two cannot learn (LR 1e-5) and are the bottom of the population at their
     reports, so one of them clones a trial that learns (LR 0.2) once that one has been top at a
-    report of its own (asynchronous PBT checkpoints a donor then)."""
+    report of its own (asynchronous PBT checkpoints a donor then). The space leaves batch size
+    and schedule family to the CPU profile, which varies them: PBT fixes them (issue 29)."""
     from jobs.tune import main
     tmp = tmp_path_factory.mktemp(f"pbt-{request.param}")
     root = storage_for(request, tmp)
-    space = {"schedule": "onecycle", "lr": {"grid": [1e-5, 0.2]}, "batch_size": 64,
-             "ema": 0.0, "tta": False}
-    code = main(tiny_sweep(tmp, shared_archive, space, "--samples", "2", "--epochs", "4",
-                           "--scheduler", "pbt", "--perturbation-interval", "1",
-                           "--max-concurrent", "2", "--name", "pbt", root=root))
-    assert code == 0
+    space = {"lr": {"grid": [1e-5, 0.2]}, "ema": 0.0, "tta": False}
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console):
+        code = main(tiny_sweep(tmp, shared_archive, space, "--samples", "2", "--epochs", "4",
+                               "--scheduler", "pbt", "--perturbation-interval", "1",
+                               "--max-concurrent", "2", "--name", "pbt", root=root))
+    assert code == 0, console.getvalue()[-3000:]
+    assert "PBT: batch_size 64, schedule onecycle fixed for the whole population" in \
+        console.getvalue()
     # A local copy to read with pathlib (for S3: downloaded from the bucket).
     return tmp / "pbt" if request.param == "local" else download(storage.join(root, "pbt"),
                                                                  tmp / "copy")
@@ -77,21 +83,78 @@ def test_a_pbt_clone_starts_from_its_donors_weights(pbt):
     assert (sweep["scheduler"], sweep["perturbation_interval"]) == ("pbt", 1)
 
 
-def test_the_winners_schedule_replays_epoch_by_epoch(pbt, shared_archive, tmp_path):
+def latest_history(run) -> list[dict]:
+    """The per-epoch log in a Ray Train run's latest checkpoint, as its workers wrote it."""
+    snapshot = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
+    return load_state(run / snapshot["latest_checkpoint_result"]["checkpoint_dir_name"])["history"]
+
+
+def logged_epochs(exp, trial_id: str) -> list[dict]:
+    """Every epoch the workers of a trial's Train runs logged (its own and its clones'); only
+    the epochs that trial trained."""
+    return [m for run in (exp / "train_runs").glob(f"{trial_id}*")
+            for m in latest_history(run) if m["trained_by"] == trial_id]
+
+
+def test_what_ran_is_what_the_schedule_records(pbt):
+    """best/schedule.json (and the record of every clone's best checkpoint): each epoch's LR of
+    every step, peak LR, momentum and weight decay are what the workers of the run that trained
+    that epoch logged, along the lineage through the donors; the recipe is the checkpoint's."""
+    from resnet.train.checkpoint import load_state as load
+    from resnet.tune.replay import schedule_document
+    from resnet.config import TrainConfig
+    summary = json.loads((pbt / "summary.json").read_text())
+    trials = pd.read_parquet(pbt / "trials.parquet")
+    kept = trials[trials["checkpoint_path"].map(  # local, or in the bucket
+        lambda p: isinstance(p, str) and storage.exists(storage.join(p, "checkpoint.pt")))]
+    documents = {"winner": json.loads((pbt / "best" / "schedule.json").read_text())}
+    for _, row in kept.iterrows():  # every checkpoint Ray kept, by the code finish() uses
+        state = load(row["checkpoint_path"])
+        documents[f"{row['trial_id']}@{row['epoch']}"] = schedule_document(
+            TrainConfig.from_dict(state["config"]), state["history"], {})
+    winner = documents[f"{summary['best_trial']}@{summary['best_epoch']}"]
+    assert winner["config"] == documents["winner"]["config"]  # the checkpoint's own recipe
+    assert winner["epochs"] == documents["winner"]["epochs"]
+    lineages = 0
+    for name, document in documents.items():
+        trained_by = {e["trained_by"] for e in document["epochs"]}
+        lineages += len(trained_by) > 1
+        for entry in document["epochs"]:
+            logged = [m for m in logged_epochs(pbt, entry["trained_by"])
+                      if m["epoch"] == entry["epoch"]]
+            assert any(m["lr_steps"] == entry["lr_steps"] and m["lr_peak"] == entry["lr_peak"]
+                       and m["momentum"] == entry["momentum"]
+                       and m["weight_decay"] == entry["weight_decay"] for m in logged), \
+                (name, entry["epoch"], entry["trained_by"])
+    assert lineages, "no checkpoint with a donor in its lineage"
+    with_exploit = len({e["trained_by"] for e in documents["winner"]["epochs"]}) > 1
+    print(f"\nPBT winner {summary['best_trial']}: lineage "
+          f"{[e['trained_by'] for e in documents['winner']['epochs']]} "
+          f"({'with' if with_exploit else 'without'} an exploit)")
+
+
+@pytest.mark.parametrize("pbt", ["local"], indirect=True)
+def test_the_winners_schedule_replays_step_by_step_and_bit_for_bit(pbt, shared_archive, tmp_path):
     from resnet.train.driver import train_driver_fn
     summary = json.loads((pbt / "summary.json").read_text())
     schedule = json.loads((pbt / "best" / "schedule.json").read_text())
     assert schedule["trial_id"] == summary["best_trial"]
     assert [e["epoch"] for e in schedule["epochs"]] == list(range(1, summary["best_epoch"] + 1))
     values = read_schedule(str(pbt / "best" / "schedule.json"))
-    config = make_config(**{**values, "data": str(shared_archive), "use_gpu": False,
-                            "storage": str(tmp_path), "name": "replay"})
-    train_driver_fn(config)
-    replayed = pd.read_parquet(tmp_path / "replay" / "metrics.parquet")
+    replays = []
+    for name in ("replay-a", "replay-b"):
+        config = make_config(**{**values, "data": str(shared_archive), "use_gpu": False,
+                                "cpus_per_worker": 1, "storage": str(tmp_path), "name": name})
+        train_driver_fn(config)
+        replays.append(latest_history(tmp_path / name))
     recorded = schedule["epochs"]
-    assert replayed["lr"].tolist()[:len(recorded)] == pytest.approx(
-        [e["lr_end"] for e in recorded], rel=1e-9)
-    assert replayed["lr_peak"].tolist()[:len(recorded)] == [e["lr_peak"] for e in recorded]
+    for replay in replays:  # every step's LR as logged, momentum and decay epoch by epoch
+        assert [m["lr_steps"] for m in replay[:len(recorded)]] == [e["lr_steps"] for e in recorded]
+        assert [(m["momentum"], m["weight_decay"]) for m in replay[:len(recorded)]] == \
+            [(e["momentum"], e["weight_decay"]) for e in recorded]
+    keys = ("loss", "acc", "val_loss", "val_acc", "lr", "start_weights")
+    assert [{k: m[k] for k in keys} for m in replays[0]] == \
+        [{k: m[k] for k in keys} for m in replays[1]]  # two replays: bit for bit on the CPU
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -120,6 +120,13 @@ def exists(path: str) -> bool:
     return fs.get_file_info(inner).type == pafs.FileType.File
 
 
+def mtime_ns(path: str) -> int | None:
+    """When a file was last written (None when it is not there)."""
+    fs, inner = resolve(path)
+    info = fs.get_file_info(inner)
+    return info.mtime_ns if info.type == pafs.FileType.File else None
+
+
 def is_dir(path: str) -> bool:
     fs, inner = resolve(path)
     return fs.get_file_info(inner).type == pafs.FileType.Directory

@@ -10,6 +10,7 @@ from typing import Any
 
 import ray
 
+from resnet.config import TrainConfig
 from resnet.infra import storage
 from resnet.infra.provenance import provenance
 from resnet.report.analysis import open_experiment
@@ -27,10 +28,13 @@ def finish(run: SweepRun) -> dict[str, Any]:
     sweep, base, splits, results, exp_dir = run.sweep, run.base, run.splits, run.results, run.exp_dir
     best = results.best
     checkpoint = ray.train.Checkpoint(best["checkpoint_path"])
-    winner = results.configs[best["trial_id"]]
+    state = load_state(checkpoint)
+    # The recipe of the weights themselves: the checkpoint's own config, not the trial's final
+    # Tune config (under PBT a later exploit may have taken another donor's recipe since).
+    winner = TrainConfig.from_dict(state["config"])
     final = export_best(checkpoint, winner, splits, exp_dir)
     # The winner's schedule as its weights ran it, epoch by epoch (with a PBT clone's donors).
-    history = load_state(checkpoint)["history"]
+    history = state["history"]
     storage.write_bytes(storage.join(exp_dir, "best", "schedule.json"), json.dumps(
         schedule_document(winner, history, {"sweep": exp_dir, "trial_id": best["trial_id"],
                                             "checkpoint": best["checkpoint_path"]}),

@@ -262,33 +262,37 @@ def epoch_hyperparameters(config: TrainConfig, epoch: int) -> tuple[float, float
 
 
 def set_epoch_hyperparameters(loop: Loop, epoch: int) -> None:
-    """A replayed schedule changes momentum and weight decay at epoch boundaries."""
+    """A replayed schedule changes weight decay (every optimizer) and momentum (SGD's; Adam and
+    RMSprop have none here) at epoch boundaries."""
     config = loop.config
-    if not config.lr_by_epoch or config.optimizer != "sgd":
+    if not config.lr_by_epoch:
         return
     _, momentum, decay = epoch_hyperparameters(config, epoch)
     for i, group in enumerate(loop.optimizer.param_groups):  # [all] or [weights, 1-D]
-        group["momentum"] = momentum
+        if config.optimizer == "sgd":
+            group["momentum"] = momentum
         group["weight_decay"] = decay if i == 0 else (
             decay / config.bn_lr_scale if config.bn_bias_decay else 0.0)
 
 
 def train_epoch(loop: Loop, epoch: int, after_first_step: Callable[[], None] | None = None
                 ) -> dict[str, Any]:
-    """Every step of one epoch: lr (the last step's), loss, acc, samples_per_s (training only)."""
+    """Every step of one epoch: lr (the last step's), lr_steps (every step's), loss, acc,
+    samples_per_s (training only)."""
     set_epoch_hyperparameters(loop, epoch)
     started = time.perf_counter()
     start_weights = weights_digest(loop.net.state_dict())  # where this epoch started from
     epoch_plan = plan(loop, epoch)
     loop.model.train()
     sums = torch.zeros(3, device=loop.device)  # loss * n, correct, n over this rank's samples
-    lr = math.nan
+    lrs = []  # every step's LR, as set: the record a replay follows step by step
     for batch in range(loop.steps_per_epoch):
-        lr = train_step(loop, epoch_plan, batch, sums)
+        lrs.append(train_step(loop, epoch_plan, batch, sums))
         if batch == 0 and after_first_step is not None:
             after_first_step()
     loss_sum, correct, count = all_reduce_sum(sums).tolist()
-    out = {"lr": lr, "loss": loss_sum / count, "acc": correct / count,
+    out = {"lr": lrs[-1] if lrs else math.nan, "lr_steps": lrs, "loss": loss_sum / count,
+           "acc": correct / count,
            "samples_per_s": count / (time.perf_counter() - started),
            "diverged": not math.isfinite(loss_sum), "start_weights": start_weights}
     if loop.device.type == "cuda":  # what packing trials on one GPU must fit

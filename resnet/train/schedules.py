@@ -11,6 +11,7 @@ import math
 from typing import Callable, Sequence
 
 from resnet.config import TrainConfig
+from resnet.errors import UsageError
 
 Schedule = Callable[[int], float]
 
@@ -65,9 +66,26 @@ def replayed(step: int, *, shape: Schedule, steps_per_epoch: int,
     return peaks[min(step // steps_per_epoch, len(peaks) - 1)] * shape(step)
 
 
+def recorded(step: int, *, steps_per_epoch: int, lrs: Sequence[Sequence[float]],
+             after: Schedule) -> float:
+    """A schedule logged step by step (``lrs[epoch][step in epoch]``); ``after`` past it."""
+    epoch = step // steps_per_epoch
+    return lrs[epoch][step % steps_per_epoch] if epoch < len(lrs) else after(step)
+
+
 def make_schedule(config: TrainConfig, steps_per_epoch: int) -> Schedule:
     """The schedule named by ``config.schedule``, bound to this run's step counts (and, with
-    ``lr_by_epoch``, scaled epoch by epoch as recorded)."""
+    ``lr_by_epoch``, scaled epoch by epoch as recorded; with ``lr_by_step``, step by step)."""
+    if config.lr_by_step:
+        counts = sorted({len(row) for row in config.lr_by_step})
+        if counts != [steps_per_epoch]:
+            raise UsageError(f"--lr-schedule was recorded with {counts[0]} steps an epoch; this "
+                             f"run takes {steps_per_epoch} (another --data, --subset, --val-size "
+                             "or --batch-size): replay it on the data and batch it ran with")
+        return functools.partial(recorded, steps_per_epoch=steps_per_epoch,
+                                 lrs=config.lr_by_step,
+                                 after=make_schedule(config.replace(lr_by_step=()),
+                                                     steps_per_epoch))
     if config.lr_by_epoch:
         shape = make_schedule(config.replace(lr=1.0, lr_by_epoch=()), steps_per_epoch)
         return functools.partial(replayed, shape=shape, steps_per_epoch=steps_per_epoch,

@@ -105,6 +105,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, config.epochs):
         started = time.perf_counter()
         trained = train_epoch(loop, epoch, first_step)
+        lr_steps = trained.pop("lr_steps")  # kept in the history, not in every report
         lr_peak, momentum, decay = epoch_hyperparameters(config, epoch)
         metrics = {"epoch": epoch + 1, **trained, **validate(loop),
                    "epoch_s": time.perf_counter() - started, "step": loop.step, **where,
@@ -112,7 +113,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
                    # donor's earlier epochs in its history).
                    "lr_peak": lr_peak, "momentum": momentum, "weight_decay": decay,
                    "trained_by": loop_config.get("trial_id")}
-        history.append(metrics)
+        history.append({**metrics, "lr_steps": lr_steps})
         previous_best = best_acc
         # Ties go to the later epoch, as Ray Train's checkpoint manager keeps the latest of
         # equally scored checkpoints: the best epoch named here is the one kept on disk.

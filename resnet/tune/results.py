@@ -41,9 +41,16 @@ class SweepResults:
     first_at_target: dict[str, Any] | None
 
 
+def diverged(rows: pd.DataFrame) -> pd.Series:
+    """Per row: the epoch's loss was NaN or inf."""
+    return rows["diverged"].astype("boolean").fillna(False).astype(bool)
+
+
 def trial_status(tune_status: str, rows: pd.DataFrame, epochs: int) -> str:
-    """completed, early-stopped (ASHA), diverged (NaN/inf loss), failed, or running/pending."""
-    if len(rows) and rows["diverged"].fillna(False).astype(bool).any():
+    """completed, early-stopped (ASHA), diverged (NaN/inf loss at its last epoch), failed, or
+    running/pending. Per row: a PBT trial that diverged and was then rescued by an exploit is
+    judged by where it ended, not by the epoch that diverged."""
+    if len(rows) and diverged(rows.sort_values("epoch", kind="stable")).iloc[-1]:
         return "diverged"
     if tune_status == "ERROR":
         return "failed"
@@ -53,25 +60,38 @@ def trial_status(tune_status: str, rows: pd.DataFrame, epochs: int) -> str:
 
 
 def with_checkpointed_epochs(rows: pd.DataFrame, exp_dir: str, trial_id: str) -> pd.DataFrame:
-    """Fill epochs missing from Tune's rows from the trial's Ray Train checkpoint.
+    """Fill epochs missing from Tune's rows from the trial's Ray Train checkpoints.
 
     After a driver crash, ``--resume`` restarts a trial's Tune logs from the restart: the epochs
-    reported before the crash live on only in the history its latest checkpoint carries.
+    reported before the crash live on only in the histories its runs' latest checkpoints carry:
+    ``train_runs/<trial>`` and, under PBT, each clone's ``train_runs/<trial>-from-...`` (of a
+    clone's history, the epochs this trial trained, not its donor's). Where two runs hold the same
+    epoch, the later run's (as Tune's rows keep the last report).
     """
     reported = set(rows["epoch"].dropna().astype(int)) if len(rows) else set()
     if reported == set(range(1, max(reported, default=0) + 1)) and len(reported):
         return rows  # nothing missing (the usual case): no checkpoint is read
-    run = storage.join(exp_dir, TRAIN_RUNS, trial_id)
-    history = checkpointed_history(run)
-    missing = [m for m in history if m["epoch"] not in reported]
-    if not missing:
+    recovered: dict[int, dict[str, Any]] = {}
+    for name, run in trial_train_runs(exp_dir, trial_id):  # oldest first: later ones win
+        for m in checkpointed_history(run):
+            if m.get("trained_by") in (trial_id, None) and m["epoch"] not in reported:
+                folder = storage.join(run, f"epoch_{m['epoch']:04d}")
+                recovered[m["epoch"]] = {**m, "train_run": name,
+                                         "checkpoint_path": folder if storage.exists(
+                                             storage.join(folder, CHECKPOINT_FILE)) else None}
+    if not recovered:
         return rows
-    for m in missing:  # the epoch's checkpoint when it was kept (the best one is)
-        folder = storage.join(run, f"epoch_{m['epoch']:04d}")
-        m["checkpoint_path"] = folder if storage.read_bytes(
-            storage.join(folder, CHECKPOINT_FILE)) is not None else None
-    restored = pd.DataFrame(missing).reindex(columns=rows.columns)
+    restored = pd.DataFrame([recovered[e] for e in sorted(recovered)]).reindex(columns=rows.columns)
     return pd.concat([restored, rows] if len(rows) else [restored], ignore_index=True)
+
+
+def trial_train_runs(exp_dir: str, trial_id: str) -> list[tuple[str, str]]:
+    """A trial's Ray Train runs (its own and its PBT clones'), (name, location), oldest first."""
+    root = storage.join(exp_dir, TRAIN_RUNS)
+    runs = [(n, storage.join(root, n)) for n in storage.listdir(root)
+            if n == trial_id or n.startswith(f"{trial_id}-from-")]
+    return sorted(runs, key=lambda run: storage.mtime_ns(
+        storage.join(run[1], "checkpoint_manager_snapshot.json")) or 0)
 
 
 def checkpointed_history(run: str) -> list[dict[str, Any]]:
@@ -129,14 +149,13 @@ def collect_results(exp_dir: str, base: TrainConfig, target: float) -> SweepResu
 
 
 def best_row(trials: pd.DataFrame) -> dict[str, Any] | None:
-    """Max val_acc over every epoch of every trial that did not diverge, whose checkpoint exists.
+    """Max val_acc over every epoch that did not diverge, whose checkpoint exists.
 
     Ties go to the later epoch, as Ray Train's checkpoint manager keeps the latest of equally
     scored checkpoints and deletes the others, then to the lower trial id. A row whose
     checkpoint is gone anyway (deleted, lost with its storage) is passed over, never returned.
     """
-    ok = trials[(trials["status"] != "diverged") & trials["val_acc"].notna()
-                & trials["checkpoint_path"].notna()]
+    ok = trials[~diverged(trials) & trials["val_acc"].notna() & trials["checkpoint_path"].notna()]
     ok = ok[ok["val_acc"].map(lambda v: math.isfinite(float(v)))]
     if ok.empty:
         return None
@@ -175,7 +194,7 @@ def per_trial(trials: pd.DataFrame, target: float, configs: dict[str, TrainConfi
     rows = []
     first = first_epochs(trials, target)
     for trial_id, group in trials.groupby("trial_id", sort=False):
-        scored = group[pd.to_numeric(group[metric], errors="coerce").notna()] \
+        scored = group[pd.to_numeric(group[metric], errors="coerce").notna() & ~diverged(group)] \
             if metric in group else group.iloc[:0]
         # The best value's last epoch: ties go to the later epoch, as for the winner.
         values = scored[metric].astype(float)[::-1] if len(scored) else None

@@ -24,13 +24,8 @@ from resnet.infra.provenance import provenance
 from resnet.train.driver import check_batch_fits
 from resnet.tune import trial_dirname
 from resnet.tune.results import TRAIN_RUNS, SweepResults, collect_results, write_parquet
-from resnet.tune.search import (
-    check_search,
-    make_scheduler,
-    make_searcher,
-    param_space,
-    trials_planned,
-)
+from resnet.tune.search import (check_search, fix_for_pbt, make_scheduler, make_searcher,
+                                param_space, trials_planned)
 from resnet.tune.settings import SWEEP_FILE, SweepConfig, plan_resources
 from resnet.tune.space import keras_point, largest, load_space, read_space_file
 from resnet.tune.trial import train_trial
@@ -66,6 +61,14 @@ def run_trials(sweep: SweepConfig) -> SweepRun:
                        base.model)
     check_search(sweep.scheduler, sweep.search, sweep.keras_trial, space,
                  read_space_file(sweep.space) if sweep.space else None)
+    if sweep.scheduler == "pbt":
+        space, fixed = fix_for_pbt(space, base)
+        if fixed:
+            shown = ", ".join(f"{k} {v}" for k, v in fixed.items())
+            print(f"PBT: {shown} fixed for the whole population (a clone takes its donor's "
+                  "weights and optimizer state, so they cannot differ between trials); choose "
+                  f"others with --space, e.g. {json.dumps({k: v for k, v in fixed.items()})}",
+                  flush=True)
     dataset, splits = load_splits(base.data, base.val_size, base.subset, base.seed)
     print(f"data: {dataset.source.path} ({dataset.source.kind}, "
           f"{'Parquet cache' if dataset.from_cache else 'decoded'} in {dataset.load_s:.1f}s); "

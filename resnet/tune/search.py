@@ -6,13 +6,18 @@ search algorithm (random/grid sampling or Optuna's TPE), built from the sweep's 
 - PBT: a population trained side by side; every ``perturbation_interval`` epochs the bottom
   quarter clones the top quarter's latest checkpoint and perturbs its LR (x0.8 or x1.2, or a
   fresh draw), so the LR itself is searched during training. Keeps every trial's checkpoints.
+  Its draws follow --seed; what a clone cannot change (batch, schedule family, optimizer) is
+  fixed for the population.
 - Optuna (TPE): each new trial's values are proposed from the results so far; with ASHA.
 """
 
 from __future__ import annotations
 
+import contextlib
+import random
 from typing import Any
 
+import numpy as np
 from ray import tune
 from ray.tune.schedulers import (
     ASHAScheduler,
@@ -20,6 +25,7 @@ from ray.tune.schedulers import (
     PopulationBasedTraining,
     TrialScheduler,
 )
+from ray.tune.schedulers.pbt import _explore  # the explore step of Ray's own exploit
 from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -29,6 +35,8 @@ from resnet.tune.space import RECIPE_KEY, grid_size, to_tune
 SCHEDULERS = ("asha", "fifo", "pbt")
 SEARCHERS = ("random", "optuna")
 PBT_MUTATED = ("lr", "momentum", "weight_decay")  # lr always; the others when searched
+# What a clone cannot change: it takes its donor's weights and optimizer state.
+PBT_FIXED = ("optimizer", "batch_size", "schedule")
 
 
 def check_search(scheduler: str, search: str, keras_trial: bool, space: dict[str, Any],
@@ -50,13 +58,29 @@ def check_search(scheduler: str, search: str, keras_trial: bool, space: dict[str
         raise UsageError(f"--keras-trial with {how}: the Keras recipe is a fixed trial of another "
                          "optimizer (PBT would clone it, Optuna cannot propose it); pass "
                          "--no-keras-trial")
-    if scheduler == "pbt":
-        varied = [k for k in ("optimizer", "batch_size", "schedule")
-                  if isinstance(space.get(k), dict) and not _single(space[k])]
+    if scheduler == "pbt":  # the user's own --space may not vary them; defaults are fixed
+        varied = [k for k in PBT_FIXED if isinstance((space_file or {}).get(k), dict)
+                  and not _single(space_file[k])]
         if varied:
             raise UsageError(f"--scheduler pbt: {', '.join(varied)} must be fixed in --space (a "
                              "clone takes the donor's weights and optimizer state, so the "
                              "population shares the optimizer, batch and schedule family)")
+
+
+def fix_for_pbt(space: dict[str, Any], base: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The space with what PBT cannot vary within a population (``PBT_FIXED``) fixed: the base
+    config's value (the preset's) when the space offers it, else the space's first. Returns the
+    space and the values fixed."""
+    fixed = {}
+    for key in PBT_FIXED:
+        spec = space.get(key)
+        if isinstance(spec, dict) and not _single(spec):
+            kind, values = next(iter(spec.items()))
+            if kind in ("choice", "grid"):
+                fixed[key] = getattr(base, key) if getattr(base, key) in values else values[0]
+            else:  # a numeric range: the preset's value
+                fixed[key] = getattr(base, key)
+    return {**space, **fixed}, fixed
 
 
 def _single(spec: dict[str, Any]) -> bool:
@@ -71,10 +95,48 @@ def make_scheduler(scheduler: str, epochs: int, grace: int, interval: int,
                              reduction_factor=2)
     if scheduler == "fifo":
         return FIFOScheduler()
-    return PopulationBasedTraining(
+    return SeededPBT(
         time_attr="epoch", perturbation_interval=interval, quantile_fraction=0.25,
         resample_probability=0.25, hyperparam_mutations=mutations(space),
-        custom_explore_fn=None, log_config=True, require_attrs=True)
+        custom_explore_fn=None, log_config=True, require_attrs=True, seed=seed)
+
+
+class SeededPBT(PopulationBasedTraining):
+    """Ray's PBT with its draws (which trial to clone, how to perturb or resample) from its own
+    generators, seeded by the sweep's --seed: Ray's PBT draws from the process-wide ``random``
+    and NumPy generators, which nothing seeds. Given the same results in the same order, two
+    sweeps with one seed take the same decisions; the generators' state is part of the
+    scheduler's, so a resumed sweep continues the sequence."""
+
+    def __init__(self, *args: Any, seed: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._draws = (random.Random(seed).getstate(), np.random.RandomState(seed).get_state())
+
+    @contextlib.contextmanager
+    def _own_draws(self):
+        outside = random.getstate(), np.random.get_state()
+        random.setstate(self._draws[0])
+        np.random.set_state(self._draws[1])
+        try:
+            yield
+        finally:
+            self._draws = random.getstate(), np.random.get_state()
+            random.setstate(outside[0])
+            np.random.set_state(outside[1])
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        with self._own_draws():
+            super().on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        with self._own_draws():
+            return super().on_trial_result(tune_controller, trial, result)
+
+    def explore(self, config: dict[str, Any]) -> dict[str, Any]:
+        """A perturbed copy of ``config``, as an exploit makes one (the same draws)."""
+        with self._own_draws():
+            return _explore(config, self._hyperparam_mutations, self._resample_probability,
+                            self._perturbation_factors, self._custom_explore_fn)[0]
 
 
 def mutations(space: dict[str, Any]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from resnet.config import TARGET_ACC, TrainConfig, make_config
 from resnet.errors import UsageError
 from resnet.infra import storage
 from resnet.infra.cluster import connect_ray
-from resnet.tune.search import SCHEDULERS, SEARCHERS, check_search
+from resnet.tune.search import SCHEDULERS, SEARCHERS, check_search, fix_for_pbt
 from resnet.tune.space import PROFILE_SPACE, keras_config, load_space, read_space_file
 
 SWEEP_PRESET = "fast"  # every searched trial starts from the fast recipe: the search's centre
@@ -29,7 +29,8 @@ SWEEP_FILE = "sweep.json"  # the settings a sweep started with (jobs.analyze and
 RESUME_MAY_CHANGE = {"use_gpu", "gpus_per_worker", "cpus_per_worker", "placement", "amp",
                      "channels_last",
                      "compile", "data", "max_failures", "eval_variants", "storage", "name",
-                     "max_concurrent", "gradcam_images", "gradcam_method"}
+                     "gradcam_images", "gradcam_method"}
+# Not --max-concurrent: Tune restores the search algorithm with the limit it started with.
 
 
 @dataclass(frozen=True)
@@ -185,13 +186,17 @@ def resume_sweep(train_flags: dict[str, Any], sweep_flags: dict[str, Any]) -> Sw
     differ = [f"{key} {_shown(getattr(stored.base, key))} (now {_shown(value)})"
               for key, value in given.items()
               if key not in RESUME_MAY_CHANGE and not _same(getattr(stored.base, key), value)]
-    differ += [f"{key} {_shown(getattr(stored, key))} (now {_shown(value)})"
+    differ += [f"{key} {_shown(getattr(stored, key))} (now {_shown(value)}"
+               + (": Tune restores its search algorithm with the limit it started with)"
+                  if key == "max_concurrent" else ")")
                for key, value in given_sweep.items()
                if key not in RESUME_MAY_CHANGE | {"space"}
                and not _same(getattr(stored, key), value)]
     if "space" in given_sweep:  # compared by content: the file may have moved
         space = load_space(given_sweep["space"], stored.base.optimizer, stored.profile,
                            stored.base.num_workers, stored.base.model)
+        if stored.scheduler == "pbt":  # as run_trials fixed it
+            space = fix_for_pbt(space, stored.base)[0]
         if "space" in settings and space != settings["space"]:
             differ.append(f"space (the search space of {given_sweep['space']} is not the one "
                           "the sweep started with)")

@@ -63,7 +63,7 @@ def train_trial(params: dict[str, Any], base: dict[str, Any], data: dict[str, An
         if source["trial_id"] == trial_id:  # our own: the Train run resumes from its snapshot
             run = source["run"]
         else:  # another trial's (PBT): a new Train run of ours, from its weights
-            run = f"{trial_id}-from-{source['trial_id']}-e{source['epoch']}"
+            run = clone_run_name(train_storage, trial_id, source["trial_id"], source["epoch"])
             resume = restored
             clone = {"cloned_from": source["trial_id"], "cloned_at_epoch": source["epoch"]}
     # On each row: the Train run that trained it, and where this process (and the Train
@@ -96,6 +96,17 @@ def train_trial(params: dict[str, Any], base: dict[str, Any], data: dict[str, An
     fitting.join()
     if "error" in outcome:
         raise outcome["error"]
+
+
+def clone_run_name(train_storage: str, trial_id: str, donor: str, epoch: int) -> str:
+    """A new Train run's name for a clone: ``<trial>-from-<donor>-e<epoch>``, with a count when
+    the same exploit happened before (a name Ray Train has seen it would resume, not start)."""
+    taken = set(storage.listdir(train_storage))
+    name, again = f"{trial_id}-from-{donor}-e{epoch}", 1
+    while name in taken:
+        again += 1
+        name = f"{trial_id}-from-{donor}-e{epoch}-{again}"
+    return name
 
 
 def read_file(checkpoint: ray.train.Checkpoint, name: str) -> bytes:
