@@ -7,6 +7,8 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # The layers, bottom first: a module imports from its own package or from a lower layer, never
@@ -126,3 +128,53 @@ def test_the_architecture_doc_shows_these_layers():
     expected = [tuple(sorted(unit.split(".")[1] for unit in units))
                 for units in reversed(LAYERS)]
     assert shown == expected, f"docs/architecture.md shows {shown}, the layers are {expected}"
+
+
+# --- Outputs written before the move (tests/fixtures/pre-move, made by main at 98475c1) ------
+
+PRE_MOVE = ROOT / "tests" / "fixtures" / "pre-move"
+
+
+def pre_move_copy(tmp_path: Path) -> Path:
+    """A copy elsewhere, as a user's results would be: the paths recorded inside are stale."""
+    import shutil
+    copy = tmp_path / "pre-move"
+    shutil.copytree(PRE_MOVE, copy)
+    return copy
+
+
+def test_an_older_runs_checkpoint_and_export_still_load(tmp_path):
+    import json
+
+    import torch
+
+    from resnet.train.checkpoint import inference_model, load_state
+    run = pre_move_copy(tmp_path) / "old-run"
+    summary = json.loads((run / "summary.json").read_text())
+    state = load_state(run / f"epoch_{summary['best_epoch']:04d}")
+    assert state["epoch"] == summary["best_epoch"]
+    exported = torch.export.load(run / "best" / "model.pt2").module()
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(exported(x), inference_model(state)(x), atol=1e-5)
+
+
+@pytest.mark.e2e
+def test_analyze_gradcam_and_resume_read_an_older_sweep(tmp_path, shared_archive):
+    from tests.conftest import run_job
+    sweep = pre_move_copy(tmp_path) / "old-sweep"
+    analysed = run_job("jobs.analyze", str(sweep), "--out", str(tmp_path / "analysis"))
+    assert analysed.returncode == 0, analysed.stderr[-3000:]
+    # The winner's checkpoint was found in the copy (its recorded path is gone): its confusion.
+    assert (tmp_path / "analysis" / "confusion.png").is_file(), analysed.stdout
+    [checkpoint] = sorted((sweep / "train_runs").glob("*_00000/epoch_0002"))
+    cam = run_job("jobs.gradcam", "--checkpoint", str(checkpoint), "--data", str(shared_archive),
+                  "--images", "2", "--out", str(tmp_path / "cam"))
+    assert cam.returncode == 0, cam.stderr[-3000:]
+    assert (tmp_path / "cam" / "gradcam.png").is_file()
+    # --resume of the finished older sweep: Tune restores it (its pickled trial_dirname still
+    # resolves) and the post-job step runs again.
+    resumed = run_job("jobs.tune", "--data", str(shared_archive), "--model", "tiny",
+                      "--storage", str(sweep.parent), "--name", "old-sweep", "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert (sweep / "best" / "model.pt2").is_file()

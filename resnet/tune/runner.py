@@ -57,11 +57,15 @@ def run_trials(sweep: SweepConfig) -> SweepRun:
     """Run (or resume) the sweep's trials with Ray Tune; write trials.parquet. Raises when a
     trial is unfinished (interrupted) or no trial has a checkpoint to export."""
     base = sweep.base
-    space = load_space(sweep.space, base.optimizer, sweep.profile, base.num_workers,
-                       base.model)
-    check_search(sweep.scheduler, sweep.search, sweep.keras_trial, space,
-                 read_space_file(sweep.space) if sweep.space else None)
-    if sweep.scheduler == "pbt":
+    started = stored_space(sweep) if sweep.resume else None
+    if started is not None:  # the space it ran with (its --space file may be gone by now)
+        space = started
+    else:
+        space = load_space(sweep.space, base.optimizer, sweep.profile, base.num_workers,
+                           base.model)
+        check_search(sweep.scheduler, sweep.search, sweep.keras_trial, space,
+                     read_space_file(sweep.space) if sweep.space else None)
+    if sweep.scheduler == "pbt" and started is None:
         space, fixed = fix_for_pbt(space, base)
         if fixed:
             shown = ", ".join(f"{k} {v}" for k, v in fixed.items())
@@ -160,6 +164,13 @@ def make_tuner(sweep: SweepConfig, trainable, space: dict[str, Any], root: str, 
             # trial's latest, which may be older than the donor's newest by then: keep them all.
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=None if sweep.scheduler == "pbt" else 1)))
+
+
+def stored_space(sweep: SweepConfig) -> dict[str, Any] | None:
+    """The search space a sweep started with, from its sweep.json (None before it had one)."""
+    exp_dir = storage.join(storage.absolute(sweep.base.storage), sweep.base.run_name)
+    stored = storage.read_bytes(storage.join(exp_dir, SWEEP_FILE))
+    return json.loads(stored).get("space") if stored else None
 
 
 def check_same_data(exp_dir: str, data_key: str) -> None:
