@@ -1,4 +1,4 @@
-"""python -m jobs.via_import: VGG Image Annotator (VIA 2.x) regions -> an image-folder tree."""
+"""python -m jobs.via_import: VGG Image Annotator (VIA 2.x, 1.x) regions -> an image-folder tree."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ from resnet.errors import OneLineParser, run_main
 
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog="python -m jobs.via_import",
-                      description="Crop the regions of a VIA 2.x export (CSV, or project / "
-                                  "annotation JSON) into TREE/train/<class>/ and "
-                                  "TREE/test/<class>/ PNGs plus TREE/manifest.csv; the class is "
-                                  "a region attribute. Prints what was written and skipped.")
-    p.add_argument("--csv", required=True, help="the VIA export: .csv, or .json (project or "
-                   "annotations)")
+                      description="Crop the regions of a VIA export (2.x or 1.x; CSV, or "
+                                  "project / annotation JSON) into TREE/train/<class>/ and "
+                                  "TREE/test/<class>/ PNGs plus TREE/manifest.csv (a row per "
+                                  "region: its crop, or why it was skipped); the class is a "
+                                  "region attribute. Prints what was written and skipped.")
+    p.add_argument("--csv", required=True, help="the VIA export: .csv (VIA 2.x or 1.x), or "
+                   ".json (project or annotations)")
     p.add_argument("--images", required=True, help="folder holding the annotated images "
                    "(export filenames are relative to it, absolute, or matched by base name)")
     p.add_argument("--attribute", required=True, help="region attribute whose value is the "

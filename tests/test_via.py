@@ -16,7 +16,8 @@ from PIL import Image
 import torch
 
 from jobs.via_import import main
-from resnet.data.via import CSV_COLUMNS, import_via
+from resnet.data.via import import_via
+from resnet.data.via_formats import CSV_COLUMNS
 from tests.conftest import run_job
 
 SHARED_EXPORT = Path(__file__).resolve().parents[2] / "shared" / "data" / "via" / \
@@ -191,7 +192,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     cases = [
         (tmp_path / "random.csv", "kind", "is not a VIA export: not UTF-8 text"),
         (tmp_path / "random.json", "kind", "is not a VIA export: not UTF-8 text"),
-        (tmp_path / "notes.csv", "kind", "is not a VIA 2.x CSV export"),
+        (tmp_path / "notes.csv", "kind", "is not a VIA CSV export"),
         (tmp_path / "bad.csv", "kind", "line 2: malformed JSON"),
         (one_class, "Gender", "no region has the attribute 'Gender'; the export has: kind"),
         (one_class, "kind", "training needs at least 2 classes"),
@@ -204,6 +205,186 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
         assert code == 2 and message in err and err.count("\n") == 1, err
         assert not (tmp_path / "out").exists()
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no temp left
+
+
+def read_manifest(tree: Path) -> list[dict]:
+    with open(tree / "manifest.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def two_classes(images: Path) -> list[str]:
+    """Two good CSV rows (a cat and a dog in a.png) that every defect test below keeps, so
+    the import succeeds and the bad row is the only skip."""
+    draw(images / "a.png", 60, 60)
+    return [('a.png,-1,"{}",3,0,"{""name"":""rect"",""x"":0,""y"":0,""width"":20,""height"":20}",'
+             '"{""kind"":""cat""}"'),
+            ('a.png,-1,"{}",3,1,"{""name"":""circle"",""cx"":30,""cy"":30,""r"":9}",'
+             '"{""kind"":""dog""}"')]
+
+
+def import_lines(tmp_path: Path, lines: list[str], header: str = ",".join(CSV_COLUMNS)):
+    export = tmp_path / "export.csv"
+    export.write_text("\n".join([header, *lines]) + "\n")
+    tree = tmp_path / "tree"
+    return import_via(str(export), str(tmp_path / "images"), "kind", str(tree),
+                      val_fraction=0.0), read_manifest(tree)
+
+
+@pytest.mark.parametrize("cut", ['a.png,-1,"{}",3,2', "a.png,-1", "a.png",
+                                 'a.png,-1,"{}",3,2,"{""name"":""rect"",""x"":1}"'])
+def test_a_truncated_csv_row_is_skipped_with_its_reason(tmp_path, cut):
+    good = two_classes(tmp_path / "images")
+    summary, manifest = import_lines(tmp_path, [*good, cut])
+    assert summary.regions_read == 3 and dict(summary.written) == {"cat": 1, "dog": 1}
+    assert dict(summary.skipped) == {"truncated row": 1}
+    assert [(m["filename"], m["crop"] == "", m["skipped"]) for m in manifest] == [
+        ("a.png", False, ""), ("a.png", False, ""), ("a.png", True, "truncated row")]
+
+
+def test_a_region_id_that_is_not_a_number_is_skipped(tmp_path):
+    good = two_classes(tmp_path / "images")
+    bad = 'a.png,-1,"{}",3,two,"{""name"":""rect"",""x"":0,""y"":0,""width"":9,""height"":9}",' \
+          '"{""kind"":""cat""}"'
+    summary, manifest = import_lines(tmp_path, [*good, bad])
+    assert summary.regions_read == 3 and dict(summary.skipped) == {"region_id not a number": 1}
+    assert manifest[2]["region_id"] == "two" and manifest[2]["skipped"] == \
+        "region_id not a number"
+
+
+@pytest.mark.parametrize("shape, reason", [
+    ({"name": "rect", "x": 0, "y": 0, "height": 9}, "rect region: width missing or not a number"),
+    ({"name": "rect", "x": 0, "y": "0", "width": 9, "height": 9},
+     "rect region: y missing or not a number"),
+    ({"name": "circle", "cx": 1e308, "cy": 0, "r": 1e308}, "circle region: coordinates too large"),
+    ({"name": "polygon", "all_points_x": [], "all_points_y": []},
+     "polygon region without points"),
+    ({"name": "polyline"}, "polyline region without points"),
+    ({"name": "polygon", "all_points_x": [1, None], "all_points_y": [1, 2]},
+     "polygon region: a point is not a number")])
+def test_a_shape_without_usable_coordinates_is_skipped(tmp_path, shape, reason):
+    good = two_classes(tmp_path / "images")
+    bad = f'a.png,-1,"{{}}",3,2,"{json.dumps(shape).replace(chr(34), chr(34) * 2)}",' \
+          '"{""kind"":""cat""}"'
+    summary, manifest = import_lines(tmp_path, [*good, bad])
+    assert dict(summary.skipped) == {reason: 1} and len(manifest) == summary.regions_read == 3
+    assert manifest[2]["skipped"] == reason
+
+
+def test_null_and_other_non_object_regions_in_json_are_skipped(tmp_path):
+    images = tmp_path / "images"
+    draw(images / "a.png", 50, 50)
+    rect = {"name": "rect", "x": 0, "y": 0, "width": 20, "height": 20}
+    regions = [{"shape_attributes": rect, "region_attributes": {"kind": "cat"}}, None, 7,
+               {"shape_attributes": None, "region_attributes": {"kind": "cat"}},
+               {"shape_attributes": rect, "region_attributes": ["kind"]},
+               {"shape_attributes": rect, "region_attributes": {"kind": "dog"}}]
+    (tmp_path / "v.json").write_text(json.dumps({"a.png9": {"filename": "a.png", "size": 9,
+                                                            "regions": regions}}))
+    summary = import_via(str(tmp_path / "v.json"), str(images), "kind", str(tmp_path / "tree"),
+                         val_fraction=0.0)
+    assert summary.regions_read == 6 and dict(summary.written) == {"cat": 1, "dog": 1}
+    assert dict(summary.skipped) == {"region is not a JSON object": 2,
+                                     "shape is not a JSON object": 1,
+                                     "region attributes are not a JSON object": 1}
+    manifest = read_manifest(tmp_path / "tree")
+    assert [m["region_id"] for m in manifest] == ["0", "1", "2", "3", "4", "5"]  # export order
+    assert [bool(m["skipped"]) for m in manifest] == [False, True, True, True, True, False]
+
+
+def test_via_1_regions_keyed_by_non_numbers_sort_after_the_numbers(tmp_path):
+    images = tmp_path / "images"
+    draw(images / "a.png", 50, 50)
+
+    def region(x, kind):
+        return {"shape_attributes": {"name": "rect", "x": x, "y": 0, "width": 5, "height": 5},
+                "region_attributes": {"kind": kind}}
+    export = {"a.png9": {"filename": "a.png", "size": 9, "regions": {
+        "b": region(30, "cat"), "10": region(20, "dog"), "2": region(10, "cat"),
+        "a": region(40, "dog")}}}
+    (tmp_path / "v.json").write_text(json.dumps(export))
+    summary = import_via(str(tmp_path / "v.json"), str(images), "kind", str(tmp_path / "tree"),
+                         val_fraction=0.0)
+    assert dict(summary.written) == {"cat": 2, "dog": 2} and not summary.skipped
+    assert [m["box"].split()[0] for m in read_manifest(tmp_path / "tree")] == \
+        ["10", "20", "40", "30"]  # "2", "10", then "a", "b"
+
+
+def test_a_via_1_csv_export_imports_like_2(tmp_path):
+    good = two_classes(tmp_path / "images")
+    header = "#filename," + ",".join(CSV_COLUMNS[1:])
+    summary, manifest = import_lines(tmp_path, good, header=header)
+    assert dict(summary.written) == {"cat": 1, "dog": 1} and not summary.skipped
+    assert list(manifest[0]) == ["crop", "split", "class", "source", "filename", "region_id",
+                                 "box"]  # no skipped column when nothing was skipped
+
+
+def test_skipped_regions_are_rows_of_the_manifest(tmp_path):
+    """Every region the export holds is a manifest row: a crop, or a skip with its reason."""
+    images = tmp_path / "images"
+    draw(images / "a.png", 50, 50)
+    rect = {"name": "rect", "x": 0, "y": 0, "width": 20, "height": 20}
+    export = write_csv(tmp_path / "export.csv", [
+        ("a.png", 4, 0, rect, {"kind": "cat"}),
+        ("a.png", 4, 1, {"name": "point", "cx": 1, "cy": 1}, {"kind": "cat"}),
+        ("gone.png", 1, 0, rect, {"kind": "dog"}),
+        ("a.png", 4, 2, rect, {"kind": "dog"}),
+        ("a.png", 4, 3, rect, {}),
+        ("empty.png", 0, 0, {}, {})])
+    summary = import_via(str(export), str(images), "kind", str(tmp_path / "tree"),
+                         val_fraction=0.0)
+    manifest = read_manifest(tmp_path / "tree")
+    assert len(manifest) == summary.regions_read == 5  # the image without regions is no region
+    assert [(m["filename"], m["region_id"], m["crop"], m["class"], m["skipped"])
+            for m in manifest] == [
+        ("a.png", "0", "train/cat/00000.png", "cat", ""),
+        ("a.png", "1", "", "", "point region"),
+        ("gone.png", "0", "", "dog", "image missing or unreadable"),
+        ("a.png", "2", "train/dog/00001.png", "dog", ""),
+        ("a.png", "3", "", "", "no kind value")]
+
+
+def test_malformed_text_is_one_line_and_exit_2(tmp_path, capsys):
+    images = tmp_path / "images"
+    draw(images / "a.png", 50, 50)
+    rect = json.dumps({"name": "rect", "x": 0, "y": 0, "width": 20, "height": 20})
+    cases = {
+        "deep.json": "[" * 100_000,
+        "digits.json": '{"a.png": {"filename": "a.png", "regions": [{"shape_attributes": '
+                       '{"name": "rect", "x": ' + "1" * 5000 + "}}]}}",
+        "surrogate.json": json.dumps({"a.png": {"filename": "a.png", "regions": [
+            {"shape_attributes": json.loads(rect), "region_attributes": {"kind": "\ud800"}}]}}),
+        "long.csv": ",".join(CSV_COLUMNS) + '\na.png,1,{},1,0,"' + "x" * 200_000 + '",{}\n',
+        "keys.json": json.dumps({"a.png": {"filename": "a.png", "regions": [  # quoted keys
+            {"shape_attributes": json.loads(rect), "region_attributes": {"a\nb": "x"}}]}}),
+    }
+    messages = {"deep.json": "malformed JSON (nested too deeply)",
+                "digits.json": "malformed JSON (",
+                "surrogate.json": "an unpaired surrogate escape", "long.csv": "not a well-formed CSV",
+                "keys.json": "the export has: a\\nb"}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        code = main(["--csv", str(tmp_path / name), "--images", str(images), "--attribute",
+                     "kind", "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and messages[name] in err, (name, err)
+
+
+def test_unusable_file_names_and_class_values_are_skipped(tmp_path):
+    images = tmp_path / "images"
+    draw(images / "a.png", 50, 50)
+    rect = {"name": "rect", "x": 0, "y": 0, "width": 20, "height": 20}
+    export = write_csv(tmp_path / "export.csv", [
+        ("a.png", 5, 0, rect, {"kind": "cat"}),
+        ("a.png", 5, 1, rect, {"kind": "dog"}),
+        ("x" * 5000 + ".png", 1, 0, rect, {"kind": "dog"}),  # too long for the file system
+        ("a.png", 5, 2, rect, {"kind": "y" * 300}),
+        ("a.png", 5, 3, rect, {"kind": "nul\x00"})])
+    summary = import_via(str(export), str(images), "kind", str(tmp_path / "tree"),
+                         val_fraction=0.0)
+    assert dict(summary.written) == {"cat": 1, "dog": 1, "nul\x00": 1}
+    assert dict(summary.skipped) == {"image missing or unreadable": 1,
+                                     "kind: value too long for a folder name": 1}
+    assert (tmp_path / "tree" / "train" / "nul_").is_dir()
 
 
 @pytest.mark.e2e

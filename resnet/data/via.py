@@ -1,21 +1,19 @@
-"""VGG Image Annotator (VIA 2.x) exports -> an image-folder tree of region crops.
+"""VGG Image Annotator exports -> an image-folder tree of region crops.
 
-Reads the CSV export (one row per region, JSON inside CSV quoting) or the project / annotation
-JSON export; crops every region by its bounding box clipped to the image, resizes it, and writes
-``train/<class>/*.png`` and ``test/<class>/*.png`` (split stratified and deterministic) plus
-``manifest.csv``. The class of a region is the value of one region attribute.
+Reads the export (``via_formats``: VIA 2.x and 1.x, CSV and JSON); crops every region by its
+bounding box clipped to the image, resizes it, and writes ``train/<class>/*.png`` and
+``test/<class>/*.png`` (split stratified and deterministic) plus ``manifest.csv``: a row per
+region, a crop or a skip with its reason. The class of a region is the value of one region
+attribute.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import shutil
 import tempfile
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
 from typing import Any
 from urllib.parse import unquote
@@ -23,106 +21,64 @@ from urllib.parse import unquote
 import numpy as np
 from PIL import Image
 
+from resnet.data.via_formats import ImportSummary, Region, printable, read_export
 from resnet.errors import UsageError
 
-CSV_COLUMNS = ("filename", "file_size", "file_attributes", "region_count", "region_id",
-               "region_shape_attributes", "region_attributes")
 SHAPES = ("rect", "circle", "ellipse", "polygon", "polyline")
+# The numbers each shape needs, by name (an ellipse's theta, its rotation, defaults to 0).
+COORDINATES = {"rect": ("x", "y", "width", "height"), "circle": ("cx", "cy", "r"),
+               "ellipse": ("cx", "cy", "rx", "ry")}
+MANIFEST_COLUMNS = ("crop", "split", "class", "source", "filename", "region_id", "box")
 
 
-@dataclass
-class Region:
-    filename: str
-    region_id: int
-    shape: dict[str, Any]
-    attributes: dict[str, Any]
-
-
-@dataclass
-class ImportSummary:
-    regions_read: int = 0
-    written: Counter = field(default_factory=Counter)  # class -> crops
-    skipped: Counter = field(default_factory=Counter)  # reason -> regions
-    missing_images: list[str] = field(default_factory=list)
-
-
-def _cell(text: str, where: str) -> Any:
+def _number(value: Any) -> float | None:
+    """A JSON number as a finite float; None for anything else (text, true, null, 1e999)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
     try:
-        return json.loads(text) if text.strip() else {}
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno}); fix or "
-                         "export the annotations again") from None
+        number = float(value)
+    except OverflowError:  # an integer of hundreds of digits
+        return None
+    return number if math.isfinite(number) else None
 
 
-def read_csv(path: Path, summary: ImportSummary) -> list[Region]:
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        if tuple(reader.fieldnames or ()) != CSV_COLUMNS:
-            raise UsageError(f"{path} is not a VIA 2.x CSV export (expected the columns "
-                             f"{', '.join(CSV_COLUMNS)})")
-        regions = []
-        for line, row in enumerate(reader, start=2):
-            if row["region_count"].strip() in ("", "0"):
-                summary.skipped["image without regions"] += 1
-                continue
-            where = f"{path} line {line}"
-            regions.append(Region(row["filename"], int(row["region_id"] or 0),
-                                  _cell(row["region_shape_attributes"], where),
-                                  _cell(row["region_attributes"], where)))
-    return regions
-
-
-def read_json(path: Path, summary: ImportSummary) -> list[Region]:
-    """The VIA 2.x project file (``_via_img_metadata`` inside) or annotation export (the
-    metadata itself), or a VIA 1.x export (``regions`` an object keyed "0", "1", ...)."""
-    data = _cell(path.read_text(encoding="utf-8"), str(path))
-    images = data.get("_via_img_metadata", data) if isinstance(data, dict) else None
-    if not isinstance(images, dict) or not all(
-            isinstance(v, dict) and "filename" in v and isinstance(v.get("regions"), (list, dict))
-            for v in images.values()):
-        raise UsageError(f"{path} is not a VIA project or annotation JSON export")
-    regions = []
-    for image in images.values():
-        listed = image["regions"]
-        if isinstance(listed, dict):  # VIA 1.x: {"0": region, "1": region, ...}
-            listed = [listed[k] for k in sorted(listed, key=lambda k: int(k) if k.isdigit() else k)]
-        if not listed:
-            summary.skipped["image without regions"] += 1
-        for i, region in enumerate(listed):
-            regions.append(Region(image["filename"], i, region.get("shape_attributes", {}),
-                                  region.get("region_attributes", {})))
-    return regions
-
-
-def read_export(path: str, summary: ImportSummary) -> list[Region]:
-    source = Path(path)
-    if not source.is_file():
-        raise UsageError(f"--csv {path}: no such file")
-    try:
-        return read_json(source, summary) if source.suffix.lower() == ".json" else \
-            read_csv(source, summary)
-    except (UnicodeDecodeError, csv.Error) as exc:  # a binary file, or NUL bytes in text
-        raise UsageError(f"--csv {path} is not a VIA export: not UTF-8 text "
-                         f"({type(exc).__name__}); pass the .csv or .json VIA saved") from None
-
-
-def bounding_box(shape: dict[str, Any]) -> tuple[float, float, float, float] | None:
-    """(left, top, right, bottom) in pixels, or None for a point or an unknown shape."""
+def bounding_box(shape: dict[str, Any]) -> tuple[tuple[float, float, float, float] | None, str]:
+    """((left, top, right, bottom) in pixels, "") or (None, why the region is skipped): a point,
+    an unknown shape, or coordinates missing, not numbers or too large."""
     name = shape.get("name")
+    if not isinstance(name, str):
+        return None, "unknown region"
+    if name in COORDINATES:
+        values = [_number(shape.get(key)) for key in COORDINATES[name]]
+        if None in values:
+            missing = COORDINATES[name][values.index(None)]
+            return None, f"{name} region: {missing} missing or not a number"
     if name == "rect":
-        return shape["x"], shape["y"], shape["x"] + shape["width"], shape["y"] + shape["height"]
-    if name == "circle":
-        cx, cy, r = shape["cx"], shape["cy"], shape["r"]
-        return cx - r, cy - r, cx + r, cy + r
-    if name == "ellipse":  # rotated by theta (radians): the box of the rotated ellipse
-        cx, cy, rx, ry, t = shape["cx"], shape["cy"], shape["rx"], shape["ry"], shape.get("theta", 0)
+        x, y, w, h = values
+        box = x, y, x + w, y + h
+    elif name == "circle":
+        cx, cy, r = values
+        box = cx - r, cy - r, cx + r, cy + r
+    elif name == "ellipse":  # rotated by theta (radians): the box of the rotated ellipse
+        (cx, cy, rx, ry), t = values, _number(shape.get("theta", 0))
+        if t is None:
+            return None, "ellipse region: theta not a number"
         half_w = math.hypot(rx * math.cos(t), ry * math.sin(t))
         half_h = math.hypot(rx * math.sin(t), ry * math.cos(t))
-        return cx - half_w, cy - half_h, cx + half_w, cy + half_h
-    if name in ("polygon", "polyline"):
-        xs, ys = shape["all_points_x"], shape["all_points_y"]
-        return min(xs), min(ys), max(xs), max(ys)
-    return None
+        box = cx - half_w, cy - half_h, cx + half_w, cy + half_h
+    elif name in ("polygon", "polyline"):
+        xs, ys = shape.get("all_points_x"), shape.get("all_points_y")
+        if not (isinstance(xs, list) and isinstance(ys, list) and xs and len(xs) == len(ys)):
+            return None, f"{name} region without points"
+        xs, ys = [_number(v) for v in xs], [_number(v) for v in ys]
+        if None in xs or None in ys:
+            return None, f"{name} region: a point is not a number"
+        box = min(xs), min(ys), max(xs), max(ys)
+    else:
+        return None, f"{printable(name)} region"
+    if not all(map(math.isfinite, box)):  # finite numbers can add up to infinity: 1e308 * 2
+        return None, f"{name} region: coordinates too large"
+    return box, ""
 
 
 def region_class(attributes: dict[str, Any], attribute: str) -> tuple[str | None, str]:
@@ -136,6 +92,8 @@ def region_class(attributes: dict[str, Any], attribute: str) -> tuple[str | None
         value = checked[0]
     if value is None or str(value).strip() == "":
         return None, f"no {attribute} value"
+    if len(safe(str(value).strip()).encode("utf-8")) > 255:  # the file systems' limit
+        return None, f"{attribute}: value too long for a folder name"
     return str(value).strip(), ""
 
 
@@ -151,8 +109,11 @@ class ImageFinder:
         name = unquote(filename[len("file://"):]) if filename.lower().startswith("file://") \
             else filename
         for candidate in (Path(name), self.images / name):
-            if candidate.is_file():
-                return candidate
+            try:
+                if candidate.is_file():
+                    return candidate
+            except OSError:  # a name too long for the file system is no file of ours
+                pass
         if self.by_name is None:  # matched by base name anywhere under --images
             self.by_name = {}
             for p in self.images.rglob("*"):
@@ -188,21 +149,33 @@ def import_via(export: str, images: str, attribute: str, out: str, size: int = 3
     summary = ImportSummary()
     regions = read_export(export, summary)
     summary.regions_read = len(regions)
-    if regions and not any(attribute in r.attributes for r in regions):
-        found = sorted({k for r in regions for k in r.attributes})
+    readable = [r for r in regions if not r.problem]
+    if readable and not any(attribute in r.attributes for r in readable):
+        found = sorted({printable(k) for r in readable for k in r.attributes})
         raise UsageError(f"no region has the attribute {attribute!r}; the export has: "
                          f"{', '.join(found) or 'none'}")
-    finder, crops = ImageFinder(Path(images)), []
+    finder, crops, skips = ImageFinder(Path(images)), [], []
+
+    def skip(region: Region, why: str, name: str = "", path: Path | None = None) -> None:
+        summary.skipped[why] += 1
+        skips.append((len(crops), {  # a manifest row, after the crops made before it
+            "crop": "", "split": "", "class": name, "source": str(path or ""),
+            "filename": region.filename, "region_id": region.region_id, "box": "",
+            "skipped": why}))
+
     # Only the image in hand stays open: an export lists each image's regions together.
     opened: dict[Path, Image.Image | None] = {}
     for region in regions:
-        box = bounding_box(region.shape)
+        if region.problem:
+            skip(region, region.problem)
+            continue
+        box, why = bounding_box(region.shape)
         if box is None:
-            summary.skipped[f"{region.shape.get('name', 'unknown')} region"] += 1
+            skip(region, why)
             continue
         name, why = region_class(region.attributes, attribute)
         if name is None:
-            summary.skipped[why] += 1
+            skip(region, why)
             continue
         path = finder.find(region.filename)
         if path is not None and path not in opened:
@@ -210,10 +183,10 @@ def import_via(export: str, images: str, attribute: str, out: str, size: int = 3
             try:
                 with Image.open(path) as image:
                     opened[path] = image.convert("RGB")
-            except OSError:
-                opened[path] = None
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+                opened[path] = None  # PIL's errors for files it cannot decode
         if path is None or opened[path] is None:
-            summary.skipped["image missing or unreadable"] += 1
+            skip(region, "image missing or unreadable", name, path)
             if region.filename not in summary.missing_images:
                 summary.missing_images.append(region.filename)
             continue
@@ -221,7 +194,7 @@ def import_via(export: str, images: str, attribute: str, out: str, size: int = 3
         left, top = max(0, math.floor(box[0])), max(0, math.floor(box[1]))
         right, bottom = min(image.width, math.ceil(box[2])), min(image.height, math.ceil(box[3]))
         if right <= left or bottom <= top:
-            summary.skipped["box outside the image"] += 1
+            skip(region, "box outside the image", name, path)
             continue
         crop = image.crop((left, top, right, bottom)).resize((size, size), Image.Resampling.BICUBIC)
         crops.append((crop, name, region, path, (left, top, right, bottom)))
@@ -229,44 +202,53 @@ def import_via(export: str, images: str, attribute: str, out: str, size: int = 3
     if len(set(classes)) < 2:
         raise UsageError(f"{len(crops)} usable region(s) in {len(set(classes))} class(es) of "
                          f"{attribute!r}; training needs at least 2 classes")
-    write_tree(out, crops, split_test(classes, val_fraction, seed), summary)
+    write_tree(out, crops, split_test(classes, val_fraction, seed), skips, summary)
     return summary
 
 
-def write_tree(out: str, crops: list, test: np.ndarray, summary: ImportSummary) -> None:
+def write_tree(out: str, crops: list, test: np.ndarray, skips: list[tuple[int, dict]],
+               summary: ImportSummary) -> None:
+    """The crops, and ``manifest.csv``: a row per region in export order, the skipped ones
+    with their reason in a last column, ``skipped`` (absent when none was skipped)."""
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        rows = []
+        rows = [(position, 0, row) for position, row in skips]
         for i, ((crop, name, region, path, box), is_test) in enumerate(zip(crops, test)):
             relative = Path("test" if is_test else "train") / safe(name) / f"{i:05d}.png"
             (staging / relative).parent.mkdir(parents=True, exist_ok=True)
             crop.save(staging / relative)
-            rows.append({"crop": str(relative), "split": relative.parts[0], "class": name,
-                         "source": str(path), "filename": region.filename,
-                         "region_id": region.region_id, "box": " ".join(map(str, box))})
+            rows.append((i, 1, {"crop": str(relative), "split": relative.parts[0], "class": name,
+                                "source": str(path), "filename": region.filename,
+                                "region_id": region.region_id, "box": " ".join(map(str, box))}))
             summary.written[name] += 1
-        with open(staging / "manifest.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        rows.sort(key=lambda r: r[:2])  # export order: a skip before the crop made after it
+        # surrogateescape: a source path in bytes that are not UTF-8 is written back as is
+        with open(staging / "manifest.csv", "w", newline="", errors="surrogateescape") as f:
+            writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS + ("skipped",) * bool(skips),
+                                    restval="")
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows(row for *_, row in rows)
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
 def safe(name: str) -> str:
-    """A class value as a folder name: path separators and leading dots replaced."""
-    return name.replace("/", "_").replace("\\", "_").lstrip(".") or "_"
+    """A class value as a folder name: path separators, NUL and leading dots replaced."""
+    return name.replace("/", "_").replace("\\", "_").replace("\0", "_").lstrip(".") or "_"
 
 
 def print_summary(summary: ImportSummary, out: str) -> None:
     print(f"regions read: {summary.regions_read}; written: {sum(summary.written.values())} "
           f"crops to {out}")
+    # printable: a class, reason or file name from the export with a line break in it would
+    # otherwise read as several lines of the summary
     for name, n in sorted(summary.written.items()):
-        print(f"  class {name}: {n}")
+        print(f"  class {printable(name)}: {n}")
     for reason, n in sorted(summary.skipped.items()):
-        print(f"  skipped ({reason}): {n}")
+        print(f"  skipped ({printable(reason)}): {n}")
     if summary.missing_images:
-        print(f"  images missing or unreadable: {', '.join(summary.missing_images)}")
+        print("  images missing or unreadable: "
+              f"{', '.join(map(printable, summary.missing_images))}")
