@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -82,15 +84,36 @@ def inference_model(state: dict[str, Any]) -> nn.Module:
     return FlipTTA(model, config.get("tta_shift", 0)).eval() if config.get("tta") else model
 
 
-def export_model(model: nn.Module) -> bytes:
+EXPORT_META = "resnet.json"  # inside a model.pt2 (an extra file): {"classes": [...], "input": ...}
+EXPORT_INPUT = "float32 N x 3 x 32 x 32 in [0, 1]"
+
+
+def export_model(model: nn.Module, classes: list[str] | None = None) -> bytes:
     """``torch.export`` with a dynamic batch: float32 N x 3 x 32 x 32 in [0, 1] -> N x classes.
 
     Exported on the CPU in eval mode, so the file loads anywhere with
-    ``torch.export.load(path).module()`` and needs nothing from this project.
+    ``torch.export.load(path).module()`` and needs nothing from this project. The class names
+    (in the order of the logits) travel inside it as ``resnet.json`` (``export_metadata``).
     """
     model = model.to("cpu").eval()
     example = torch.rand(2, 3, 32, 32)
     program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
     buffer = io.BytesIO()
-    torch.export.save(program, buffer)
+    meta = {"classes": [str(c) for c in classes] if classes is not None else None,
+            "input": EXPORT_INPUT}
+    torch.export.save(program, buffer, extra_files={EXPORT_META: json.dumps(meta)})
     return buffer.getvalue()
+
+
+def export_metadata(data: bytes) -> dict[str, Any]:
+    """The metadata an export carries ({} for exports made before it did); raises UsageError
+    when the bytes are not a ``torch.export`` file at all."""
+    extra = {EXPORT_META: ""}
+    try:
+        if not zipfile.is_zipfile(io.BytesIO(data)):  # before torch, which logs a traceback
+            raise ValueError("not a zip archive")
+        torch.export.load(io.BytesIO(data), extra_files=extra)
+    except Exception as exc:  # zip, pickle and version errors alike
+        raise UsageError(f"not a torch.export model ({type(exc).__name__}); pass a model.pt2 "
+                         "written by jobs.train or jobs.tune, or their run folder") from None
+    return json.loads(extra[EXPORT_META]) if extra[EXPORT_META] else {}

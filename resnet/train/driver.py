@@ -84,7 +84,7 @@ def finalize_best(checkpoint: ray.train.Checkpoint, config: TrainConfig,
         out["test_loss"], out["test_acc"] = evaluate(
             model, torch.tensor(test_x, device=device), torch.tensor(test_y, device=device),
             device, config)
-    out["model_pt2"] = export_model(model)
+    out["model_pt2"] = export_model(model, state.get("classes"))
     out["trainable_params"] = trainable_param_count(model)
     # Which arithmetic produced which number (the export itself is fp32).
     out["precision"] = {"train": train_precision(device_of(config), config),
