@@ -21,6 +21,12 @@ def build_parser() -> OneLineParser:
     p.add_argument("--metric", default="val_acc", help="metric that ranks the trials; a *loss "
                    "is minimised, anything else maximised (default val_acc)")
     p.add_argument("--top", type=int, help="show only the best N trials (table and report)")
+    p.add_argument("--mlflow", metavar="URI", help="also upload the sweep to this MLflow "
+                   "tracking server or store (a parent run, a child run per trial with every "
+                   "epoch, the winner's files and model); what is already there is not logged "
+                   "again")
+    p.add_argument("--mlflow-model-name", help="the registered model's name (default "
+                   "resnet-cifar10)")
     return p
 
 
@@ -37,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or storage.join(analysis.exp_dir, "analysis")
         written = write_analysis(analysis, storage.absolute(out), args.top)
         print_analysis(analysis, written, out, args.top)
+        if args.mlflow:
+            from resnet.tracking.sweep_runs import upload_sweep
+            link = upload_sweep(args.mlflow, analysis, args.mlflow_model_name or "resnet-cifar10")
+            print(f"MLflow: {link or args.mlflow}")
         return 0
 
     return run_main("jobs.analyze", run)

@@ -3,20 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from resnet.config import (
-    AUGMENTS,
-    FLIPS,
-    MODELS,
-    OPTIMIZERS,
-    PLACEMENTS,
-    PRESETS,
-    SCHEDULES,
-    TrainConfig,
-    make_config,
-    parse_milestones,
-)
+from resnet.config import (AUGMENTS, FLIPS, MODELS, OPTIMIZERS, PLACEMENTS, PRESETS, SCHEDULES,
+                           TrainConfig, make_config, parse_milestones)
 from resnet.errors import OneLineParser, UsageError, run_main
 from resnet.infra.console import hidden_note, quiet
 from resnet.tune.replay import read_schedule
@@ -124,6 +115,7 @@ def build_parser() -> OneLineParser:
     hw.add_argument("--name", help="run name, no timestamp, so the same command resumes "
                     "(default: <model>-<preset>-seed<seed>)")
     add_verbose_flag(hw)
+    add_mlflow_flags(hw, "the run's config, every epoch's metrics, its files")
     return p
 
 
@@ -141,6 +133,15 @@ def add_device_flags(group) -> None:
                        "(fewest nodes: fastest all-reduce), spread (most nodes: one node's loss "
                        "hits fewer ranks), strict-spread (one worker per node, or wait) "
                        "(default pack)")
+
+
+def add_mlflow_flags(group, what: str) -> None:
+    """--mlflow and --mlflow-model-name, shared with jobs.tune and jobs.analyze."""
+    group.add_argument("--mlflow", metavar="URI", help=f"log to this MLflow tracking server or "
+                       f"store: {what}; the model registered (default: $MLFLOW_TRACKING_URI when "
+                       "set, else no tracking; needs pip install -e '.[mlflow]')")
+    group.add_argument("--mlflow-model-name", help="the registered model's name (default "
+                       "resnet-cifar10)")
 
 
 def add_verbose_flag(group) -> None:
@@ -175,7 +176,7 @@ def parse_milestones_arg(text: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from resnet.infra import timing  # no heavy imports: marks when this job began, for jobs.bench
+    from resnet.infra import timing  # no heavy imports: marks when this job began (jobs.bench)
     timing.mark("main")
     args = vars(build_parser().parse_args(argv))
     verbose = args.pop("verbose")
@@ -185,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         from resnet.train.driver import (
             train_driver_fn,  # imports Ray and torch: after parsing
         )
+        mlflow = args.pop("mlflow") or os.environ.get("MLFLOW_TRACKING_URI")
+        model_name = args.pop("mlflow_model_name") or "resnet-cifar10"
+        if mlflow:
+            from resnet.tracking.mlflow_runs import require_mlflow
+            require_mlflow()
         schedule = args.pop("lr_schedule")
         recipe = read_schedule(schedule) if schedule else {}
         preset = args.pop("preset")
@@ -193,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
         if schedule and not preset:
             config = config.replace(preset="replay")  # names the run <model>-replay-seed<seed>
         summary = train_driver_fn(config)
+        if mlflow:
+            from resnet.tracking.sweep_runs import log_train_run
+            link = log_train_run(mlflow, summary, model_name)
+            print(f"MLflow: {link or mlflow} (the run; model {model_name!r} registered)")
         return 0 if summary["epochs_completed"] else 1
 
     return run_main("jobs.train", run, standalone=argv is None,

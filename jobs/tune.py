@@ -5,19 +5,15 @@ from __future__ import annotations
 
 import sys
 
-from jobs.train import (
-    add_compile_flag,
-    add_device_flags,
-    add_eval_variants_flag,
-    add_verbose_flag,
-)
+from jobs.train import (add_compile_flag, add_device_flags, add_eval_variants_flag,
+                        add_mlflow_flags, add_verbose_flag)
 from resnet.config import CAM_METHODS, MODELS, OPTIMIZERS
 from resnet.errors import OneLineParser, run_main
 from resnet.infra.console import hidden_note, quiet
 
 SWEEP_KEYS = ("samples", "target", "scheduler", "search", "grace_period",
               "perturbation_interval", "max_concurrent", "space", "keras_trial",
-              "gradcam_images", "gradcam_method", "resume")
+              "gradcam_images", "gradcam_method", "resume", "mlflow", "mlflow_model_name")
 
 
 def build_parser() -> OneLineParser:
@@ -62,6 +58,8 @@ def build_parser() -> OneLineParser:
                    "after the sweep, one per class first; 0 = none (default 10)")
     g.add_argument("--gradcam-method", choices=CAM_METHODS, help="CAM method (default gradcam)")
     add_eval_variants_flag(g)
+    add_mlflow_flags(g, "the sweep as a parent run, each trial a child run as it runs, the "
+                        "winner's files as artifacts")
 
     d = p.add_argument_group("data and model")
     d.add_argument("--data", help="data source, as for jobs.train (default: $CIFAR10_DATA, else "

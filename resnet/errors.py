@@ -10,6 +10,10 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
+MLFLOW_MISSING = ("--mlflow needs MLflow, an optional extra: pip install -e '.[mlflow]' "
+                  "(or pip install mlflow)")
+
+
 class UsageError(Exception):
     """Bad input from the user: the message says what was wrong and what to do."""
 

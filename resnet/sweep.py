@@ -9,6 +9,8 @@ from typing import Any
 
 from resnet.infra import storage
 from resnet.report.winner import finish, print_next_steps
+from resnet.tracking.sweep_runs import SweepTracking
+from resnet.tracking.tune_callback import MLflowTrials
 from resnet.tune.results import print_table
 from resnet.tune.runner import run_trials
 from resnet.tune.settings import SweepConfig
@@ -17,7 +19,11 @@ from resnet.tune.settings import SweepConfig
 def run_sweep(sweep: SweepConfig) -> dict[str, Any]:
     """Run (or resume) the sweep, then export and explain the winner; returns the summary."""
     started = time.time()
-    run = run_trials(sweep)
+    tracking = None
+    if sweep.mlflow:  # each trial a child run of the sweep's, as it runs
+        def tracking(exp_dir: str, settings: dict) -> list:
+            return [MLflowTrials(sweep.mlflow, exp_dir, settings, sweep.base.epochs)]
+    run = run_trials(sweep, tracking)
     summary = finish(run)
     summary["ray_cluster"] = run.cluster
     summary["wall_s"] = round(time.time() - started, 1)
@@ -25,4 +31,9 @@ def run_sweep(sweep: SweepConfig) -> dict[str, Any]:
                         json.dumps(summary, indent=2).encode())
     print_table(run.results, sweep.target)
     print_next_steps(run.exp_dir, summary)
+    if sweep.mlflow:
+        runs = SweepTracking(sweep.mlflow, run.exp_dir)
+        runs.finish(summary, sweep.mlflow_model_name)
+        print(f"MLflow: {runs.tracker.link(runs.parent()) or sweep.mlflow} (the sweep's run, a "
+              f"child run per trial; model {sweep.mlflow_model_name!r} registered)", flush=True)
     return summary

@@ -86,6 +86,42 @@ def reported_epoch(run_dir: Path | str) -> int:
         return 0
 
 
+# --- Experiment tracking: a real MLflow server (SQLite store) on loopback, one per session ------
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """``mlflow server`` on 127.0.0.1 and a free port, its runs in SQLite and its artifacts in a
+    local folder (served through the server); stopped with its workers at the end. Yields its
+    URI."""
+    import urllib.request
+
+    from resnet.infra.cluster import free_port
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    log = open(root / "server.log", "w")
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1", "--backend-store-uri",
+         f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
+        cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        try:
+            return urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_for(healthy, server, timeout=180)
+        yield uri
+    finally:
+        processes = [server.pid, *descendants(server.pid)]
+        os.killpg(server.pid, signal.SIGTERM)
+        reap(processes, timeout=30)
+        log.close()
+
+
 # --- Object storage: a real S3 API (moto's server mode) on loopback, one per test session ------
 
 S3_BUCKET = "runs"
@@ -244,18 +280,21 @@ def sweep(request, shared_archive, tmp_path_factory):
     - the same command with ``--resume`` completes the sweep (``proc``: its output).
 
     ``uri``: the sweep's location as the jobs saw it; ``dir``: a local copy to read with pathlib
-    (the folder itself for local storage, a download from the bucket for S3).
+    (the folder itself for local storage, a download from the bucket for S3). The sweep logs to
+    the session's MLflow server (``mlflow``: its URI) all along, kill and resume included.
     """
     from resnet.infra import storage
     tmp = tmp_path_factory.mktemp(f"sweep-{request.param}")
     root = str(tmp) if request.param == "local" else \
         s3_location(request.getfixturevalue("s3_server"), tmp.name)
     (tmp / "space.json").write_text(json.dumps(SWEEP_SPACE))
+    mlflow = request.getfixturevalue("mlflow_server")  # each trial a child run, as it runs
     args = ["jobs.tune", "--data", str(shared_archive), "--samples", "1", "--epochs", "2",
             "--subset", "1000", "--num-workers", "1", "--cpus-per-worker", "2",
             "--max-concurrent", "1", "--val-size", "500", "--keras-trial", "--eval-variants",
             "--scheduler", "asha", "--grace-period", "1", "--target", str(SWEEP_TARGET),
-            "--space", str(tmp / "space.json"), "--storage", root, "--name", "sweep"]
+            "--space", str(tmp / "space.json"), "--storage", root, "--name", "sweep",
+            "--mlflow", mlflow, "--mlflow-model-name", f"sweep-{request.param}"]
     exp = storage.join(root, "sweep")
     runs = storage.join(exp, "train_runs")
     with open(tmp / "killed.log", "w+") as log:
@@ -284,7 +323,7 @@ def sweep(request, shared_archive, tmp_path_factory):
     analysed = run_job("jobs.analyze", exp, "--out", partial)
     done = run_job(*args, "--resume")
     local = request.param == "local"
-    return {"args": args, "proc": done, "uri": exp, "storage": request.param,
+    return {"args": args, "proc": done, "uri": exp, "storage": request.param, "mlflow": mlflow,
             "dir": tmp / "sweep" if local else download(exp, tmp / "copy" / "sweep"),
             "partial": analysed,
             "partial_dir": tmp / "partial" if local else download(partial, tmp / "copy" / "partial"),

@@ -24,18 +24,8 @@ from resnet.data import Splits
 from resnet.models import build_model
 from resnet.train.augment import augment
 from resnet.train.checkpoint import save_state
-from resnet.train.loop import (
-    autocast,
-    build_loop,
-    plan,
-    prepare_device,
-    state_dict,
-    to_input,
-    train_epoch,
-    train_precision,
-    train_step,
-    validate,
-)
+from resnet.train.loop import (autocast, build_loop, plan, prepare_device, state_dict, to_input,
+                               train_epoch, train_precision, train_step, validate)
 
 # The fast preset trains on 45,000 images and validates on 5,000 each epoch: the bench's smaller
 # epochs keep that proportion, so evaluation weighs in the whole-epoch ratio as it does for real.

@@ -21,14 +21,7 @@ import numpy as np
 import ray
 import torch
 
-from resnet.bench.compare import (
-    VAL_SHARE,
-    bare_step,
-    compare_task,
-    interleaved,
-    repeat,
-    sync,
-)
+from resnet.bench.compare import VAL_SHARE, bare_step, compare_task, interleaved, repeat, sync
 from resnet.bench.startup import bench_startup
 from resnet.config import make_config
 from resnet.data import Splits, load_splits

@@ -30,7 +30,8 @@ NOISE = [re.compile(p) for p in (
     r"triggered|increasing the `CheckpointConfig\(num_to_keep\)`",
     r"Wrote the latest version of all result files and experiment state",
     r"Experiment state snapshotting has been triggered multiple times",
-    r"To visualize your results with TensorBoard|View detailed results here|tensorboard --logdir",
+    # Tune's hint points at its driver's staging folder; the sweep's own line names the sweep.
+    r"To visualize your results with TensorBoard|View detailed results here",
     r"Consider boosting PBT performance by enabling `reuse_actors`",
     r"Trials did not complete: ",  # Tune's list of early-stopped trials: our table says it
 )]

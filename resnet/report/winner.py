@@ -85,3 +85,5 @@ def print_next_steps(exp_dir: str, summary: dict[str, Any]) -> None:
           flush=True)
     if summary["gradcam"]:
         print(f"Grad-CAM: {storage.join(exp_dir, 'gradcam', 'gradcam.png')}", flush=True)
+    # Tune writes each trial's scalars (stepped by epoch) as TensorBoard event files.
+    print(f"TensorBoard: {shlex.join(['tensorboard', '--logdir', exp_dir])}", flush=True)

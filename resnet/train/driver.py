@@ -26,12 +26,7 @@ from resnet.config import TARGET_ACC, TrainConfig
 from resnet.data import Dataset, Splits, make_splits, open_dataset
 from resnet.errors import TrainingFailed, UsageError
 from resnet.infra import storage, timing
-from resnet.infra.cluster import (
-    check_shared_storage,
-    connect_ray,
-    ray_cluster,
-    resolve_hardware,
-)
+from resnet.infra.cluster import (check_shared_storage, connect_ray, ray_cluster, resolve_hardware)
 from resnet.infra.provenance import provenance
 from resnet.models import trainable_param_count
 from resnet.train.checkpoint import export_model, inference_model, load_state

@@ -26,15 +26,8 @@ from resnet.config import TrainConfig
 from resnet.data import Splits
 from resnet.infra import timing
 from resnet.train.checkpoint import load_state, save_state
-from resnet.train.loop import (
-    build_loop,
-    epoch_hyperparameters,
-    load_state_dict,
-    prepare_device,
-    state_dict,
-    train_epoch,
-    validate,
-)
+from resnet.train.loop import (build_loop, epoch_hyperparameters, load_state_dict, prepare_device,
+                               state_dict, train_epoch, validate)
 
 # Through logging, not print: Ray Train forwards worker log records to the driver's console.
 log = logging.getLogger("resnet.train.worker")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
 import ray
 from ray import tune
@@ -53,9 +53,12 @@ class SweepRun:
     cluster: dict[str, Any]
 
 
-def run_trials(sweep: SweepConfig) -> SweepRun:
-    """Run (or resume) the sweep's trials with Ray Tune; write trials.parquet. Raises when a
-    trial is unfinished (interrupted) or no trial has a checkpoint to export."""
+def run_trials(sweep: SweepConfig, callbacks: Callable[[str, dict], list] | None = None
+               ) -> SweepRun:
+    """Run (or resume) the sweep's trials with Ray Tune; write trials.parquet. ``callbacks``:
+    Tune callbacks for the sweep's folder and settings (experiment tracking), made once when
+    the sweep starts (Tune keeps them with the experiment for a resume). Raises when a trial is
+    unfinished (interrupted) or no trial has a checkpoint to export."""
     base = sweep.base
     started = stored_space(sweep) if sweep.resume else None
     if started is not None:  # the space it ran with (its --space file may be gone by now)
@@ -100,15 +103,16 @@ def run_trials(sweep: SweepConfig) -> SweepRun:
         train_trial, base=base.to_dict(), data={"ref": ray.put(splits)},
         train_storage=storage.join(exp_dir, TRAIN_RUNS))
     trainable = tune.with_resources(trainable, TRIAL_DRIVER)
-    tuner = make_tuner(sweep, trainable, space, root, name, concurrent, exp_dir)
+    settings = {"sweep": replace(sweep, base=base, resume=False).to_dict(), "space": space,
+                "data_key": dataset.key, "provenance": provenance()}
+    tuner = make_tuner(sweep, trainable, space, root, name, concurrent, exp_dir,
+                       callbacks(exp_dir, settings) if callbacks else [])
     # The settings before any trial (jobs.analyze reads a running sweep with them, --resume
     # compares with them); a resumed sweep keeps the ones it started with. After make_tuner,
     # which refuses a clash of names.
-    settings = storage.join(exp_dir, SWEEP_FILE)
-    if not (sweep.resume and storage.exists(settings)):
-        storage.write_bytes(settings, json.dumps(
-            {"sweep": replace(sweep, base=base, resume=False).to_dict(), "space": space,
-             "data_key": dataset.key, "provenance": provenance()}, default=str).encode())
+    settings_file = storage.join(exp_dir, SWEEP_FILE)
+    if not (sweep.resume and storage.exists(settings_file)):
+        storage.write_bytes(settings_file, json.dumps(settings, default=str).encode())
     tuner.fit()  # trial errors stay in the results; they do not raise here
     results = collect_results(exp_dir, base, sweep.target)
     write_parquet(storage.join(exp_dir, "trials.parquet"), results.trials,
@@ -127,7 +131,7 @@ def run_trials(sweep: SweepConfig) -> SweepRun:
 
 
 def make_tuner(sweep: SweepConfig, trainable, space: dict[str, Any], root: str, name: str,
-               concurrent: int, exp_dir: str) -> tune.Tuner:
+               concurrent: int, exp_dir: str, callbacks: list) -> tune.Tuner:
     """A new Tuner, or with --resume the restored one (finished trials are not run again)."""
     exists = tune.Tuner.can_restore(exp_dir)
     if exists and not sweep.resume:
@@ -159,6 +163,8 @@ def make_tuner(sweep: SweepConfig, trainable, space: dict[str, Any], root: str, 
                                     search_alg=searcher),
         run_config=tune.RunConfig(
             name=name, storage_path=root, verbose=1,  # Tune's status table, now and then
+            # Tune adds its own loggers (CSV, JSON and TensorBoard event files per trial).
+            callbacks=callbacks,
             failure_config=tune.FailureConfig(max_failures=0),
             # Tune's copy of each trial's latest epoch (resnet/tune/trial.py); PBT clones from any
             # trial's latest, which may be older than the donor's newest by then: keep them all.

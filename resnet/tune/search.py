@@ -19,12 +19,8 @@ from typing import Any
 
 import numpy as np
 from ray import tune
-from ray.tune.schedulers import (
-    ASHAScheduler,
-    FIFOScheduler,
-    PopulationBasedTraining,
-    TrialScheduler,
-)
+from ray.tune.schedulers import (ASHAScheduler, FIFOScheduler, PopulationBasedTraining,
+                                 TrialScheduler)
 from ray.tune.schedulers.pbt import _explore  # the explore step of Ray's own exploit
 from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.basic_variant import BasicVariantGenerator

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, fields, replace
 from fractions import Fraction
 from typing import Any, Mapping
@@ -16,7 +17,7 @@ from typing import Any, Mapping
 import ray
 
 from resnet.config import TARGET_ACC, TrainConfig, make_config
-from resnet.errors import UsageError
+from resnet.errors import MLFLOW_MISSING, UsageError
 from resnet.infra import storage
 from resnet.infra.cluster import connect_ray
 from resnet.tune.search import SCHEDULERS, SEARCHERS, check_search, fix_for_pbt
@@ -51,6 +52,10 @@ class SweepConfig:
     gradcam_method: str = "gradcam"
     resume: bool = False
     profile: str = "custom"
+    # Experiment tracking: the MLflow tracking URI (--mlflow, else $MLFLOW_TRACKING_URI when the
+    # sweep starts; it stays the sweep's) and the name the winner is registered under.
+    mlflow: str | None = None
+    mlflow_model_name: str = "resnet-cifar10"
 
     @property
     def grace(self) -> int:
@@ -124,6 +129,13 @@ def make_sweep(train_flags: dict[str, Any], sweep_flags: dict[str, Any],
     storage.check_writable(storage.absolute(given.get("storage", TrainConfig.storage)))
     if sweep_flags.get("resume"):
         return resume_sweep(train_flags, sweep_flags)
+    if sweep_flags.get("mlflow") is None and os.environ.get("MLFLOW_TRACKING_URI"):
+        sweep_flags = {**sweep_flags, "mlflow": os.environ["MLFLOW_TRACKING_URI"]}
+    if sweep_flags.get("mlflow"):
+        try:  # an optional extra: say how to install it, before Ray starts
+            import mlflow  # noqa: F401
+        except ImportError:
+            raise UsageError(MLFLOW_MISSING) from None
     scheduler, search = sweep_flags.get("scheduler") or "asha", sweep_flags.get("search") or "random"
     check_search(scheduler, search, bool(sweep_flags.get("keras_trial")), {})  # before Ray
     if sweep_flags.get("space"):  # a bad file or combination fails before Ray starts

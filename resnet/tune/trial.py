@@ -120,7 +120,10 @@ def report(metrics: dict[str, Any], checkpoint: ray.train.Checkpoint | None, tra
     """One epoch to Tune: metrics (with the Train checkpoint's location, and the clone if it is
     the first epoch after one) and a Tune checkpoint."""
     path = storage.within(train_storage, checkpoint.path) if checkpoint else None
-    row = {**metrics, "checkpoint_path": path, **(clone or {})}
+    # timesteps_total: Ray's TensorBoard logger steps its scalars by it (else by Tune's
+    # iteration, which a resume or a PBT clone renumbers): the epoch.
+    row = {**metrics, "checkpoint_path": path, "timesteps_total": metrics["epoch"],
+           **(clone or {})}
     if checkpoint is None:
         tune.report(row)
         return
