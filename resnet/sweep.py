@@ -13,7 +13,7 @@ from resnet.tracking.sweep_runs import SweepTracking
 from resnet.tracking.tune_callback import MLflowTrials
 from resnet.tune.results import print_table
 from resnet.tune.runner import run_trials
-from resnet.tune.settings import SweepConfig
+from resnet.tune.settings import SWEEP_FILE, SweepConfig
 
 
 def run_sweep(sweep: SweepConfig) -> dict[str, Any]:
@@ -32,7 +32,11 @@ def run_sweep(sweep: SweepConfig) -> dict[str, Any]:
     print_table(run.results, sweep.target)
     print_next_steps(run.exp_dir, summary)
     if sweep.mlflow:
+        # What the trials reported live, completed from trials.parquet: epochs reported before
+        # a driver was killed come back from checkpoints only (nothing logged twice).
         runs = SweepTracking(sweep.mlflow, run.exp_dir)
+        settings = json.loads(storage.read_bytes(storage.join(run.exp_dir, SWEEP_FILE)))
+        runs.upload(run.results.trials, settings)
         runs.finish(summary, sweep.mlflow_model_name)
         print(f"MLflow: {runs.tracker.link(runs.parent()) or sweep.mlflow} (the sweep's run, a "
               f"child run per trial; model {sweep.mlflow_model_name!r} registered)", flush=True)

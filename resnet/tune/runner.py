@@ -163,6 +163,9 @@ def make_tuner(sweep: SweepConfig, trainable, space: dict[str, Any], root: str, 
                                     search_alg=searcher),
         run_config=tune.RunConfig(
             name=name, storage_path=root, verbose=1,  # Tune's status table, now and then
+            # A trial's last epoch ends it before any scheduler sees the result: PBT would
+            # otherwise exploit a trial after its last epoch, into a clone with nothing to train.
+            stop={"epoch": sweep.base.epochs},
             # Tune adds its own loggers (CSV, JSON and TensorBoard event files per trial).
             callbacks=callbacks,
             failure_config=tune.FailureConfig(max_failures=0),
