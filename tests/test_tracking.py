@@ -67,8 +67,9 @@ def test_the_sweep_is_in_mlflow_run_by_run_and_epoch_by_epoch(sweep, shared_arch
     name = f"sweep-{sweep['storage']}"
     [version] = client.search_model_versions(f"name='{name}'")
     import mlflow.artifacts
-    folder = mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}",
-                                                 dst_path=str(tmp_path), tracking_uri=sweep["mlflow"])
+    source = client.get_model_version_download_uri(name, version.version)  # from the registry
+    folder = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp_path),
+                                                 tracking_uri=sweep["mlflow"])
     model = torch.export.load(os.path.join(folder, "model.pt2")).module()
     from resnet.data import load_splits
     _, splits = load_splits(str(shared_archive), 500, 1000, 0)
