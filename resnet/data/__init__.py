@@ -12,12 +12,12 @@ from typing import Callable
 
 import numpy as np
 
-from resnet.data.cache import cache_path, content_key, read_cache, write_cache
+from resnet.data.cache import cache_path, cached_counts, content_key, read_cache, write_cache
 from resnet.data.sources import CIFAR10_CLASSES, Source, decode, resolve_source
 from resnet.errors import UsageError
 
 __all__ = ["CIFAR10_CLASSES", "Dataset", "Splits", "load_dataset", "load_splits", "make_splits",
-           "open_dataset", "stratified_take"]
+           "open_dataset", "check_split_sizes", "stratified_take"]
 
 
 @dataclass
@@ -57,15 +57,17 @@ def load_dataset(data: str | None) -> Dataset:
     return open_dataset(data)[1]()
 
 
-def open_dataset(data: str | None) -> tuple[bool, Callable[[], Dataset]]:
-    """Locate ``data`` now (bad paths fail here) and return (whether the Parquet cache holds it,
-    the function that loads it). A cached source cannot fail to decode any more, so a caller
-    may read it while it does something else (the driver starts Ray meanwhile)."""
+def open_dataset(data: str | None) -> tuple[tuple[int, int] | None, Callable[[], Dataset]]:
+    """Locate ``data`` now (bad paths fail here) and return ((training images, classes) when the
+    Parquet cache holds it, else None; the function that loads it). A cached source cannot fail
+    to decode any more, so a caller may check sizes from the counts and read it while it does
+    something else (the driver starts Ray meanwhile)."""
     start = time.perf_counter()
     source = resolve_source(data)
     key = content_key(source)
     path = cache_path(key)
-    return path.is_file(), lambda: _load(source, key, path, start)
+    counts = cached_counts(path) if path.is_file() else None
+    return counts, lambda: _load(source, key, path, start)
 
 
 def _load(source: Source, key: str, path, start: float) -> Dataset:
@@ -102,19 +104,26 @@ def stratified_take(labels: np.ndarray, n: int, rng: np.random.Generator,
     return taken, rest
 
 
-def make_splits(dataset: Dataset, val_size: int, subset: int | None, seed: int) -> Splits:
-    """Validation first (stratified, seeded), then an optional stratified training subset."""
-    n, k = len(dataset.train_y), len(dataset.classes)
+def check_split_sizes(n: int, k: int, val_size: int, subset: int | None) -> int:
+    """The number of training images that ``n`` source images of ``k`` classes leave; a usage
+    error when --val-size or --subset cannot be carved from them."""
     if val_size < k or val_size >= n:
         raise UsageError(f"--val-size {val_size} must be between {k} (one image per class) and "
                          f"{n - 1} (the source has {n} training images)")
+    if subset is not None and (subset < k or subset > n - val_size):
+        raise UsageError(f"--subset {subset} must be between {k} (one image per class) and "
+                         f"{n - val_size} (training images left after --val-size {val_size})")
+    return n - val_size if subset is None else subset
+
+
+def make_splits(dataset: Dataset, val_size: int, subset: int | None, seed: int) -> Splits:
+    """Validation first (stratified, seeded), then an optional stratified training subset."""
+    k = len(dataset.classes)
+    check_split_sizes(len(dataset.train_y), k, val_size, subset)
     # Separate random streams per purpose, so --subset never changes which images validate.
     val_idx, rest = stratified_take(dataset.train_y, val_size,
                                     np.random.default_rng([seed, 0]), k)
     if subset is not None:
-        if subset < k or subset > len(rest):
-            raise UsageError(f"--subset {subset} must be between {k} (one image per class) and "
-                             f"{len(rest)} (training images left after --val-size {val_size})")
         pick, _ = stratified_take(dataset.train_y[rest], subset, np.random.default_rng([seed, 1]), k)
         rest = rest[pick]
     return Splits(classes=dataset.classes,

@@ -68,6 +68,17 @@ def write_cache(path: Path, decoded: Decoded, source: Source) -> None:
             os.unlink(tmp)
 
 
+def cached_counts(path: Path) -> tuple[int, int] | None:
+    """(training images, classes) from the cache's small columns, or None when unreadable: enough
+    to check the split sizes before anything slow starts."""
+    try:
+        splits = pq.read_table(path, columns=["split"]).column("split").to_pylist()
+        classes = json.loads(pq.read_schema(path).metadata[b"resnet"])["classes"]
+    except (OSError, pa.ArrowException, KeyError, ValueError, TypeError):
+        return None
+    return splits.count("train"), len(classes)
+
+
 def read_cache(path: Path) -> Decoded | None:
     """The cached arrays, or None when absent or unreadable (then the caller decodes again)."""
     if not path.is_file():

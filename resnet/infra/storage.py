@@ -150,6 +150,11 @@ def check_writable(root: str, flag: str = "--storage") -> None:
     """Write and delete a marker under ``root`` now, so that a misspelt bucket, missing
     credentials or an unreachable endpoint is one line before anything starts."""
     import uuid
+    local = local_path(root)
+    if local is not None:
+        # Create nothing on local disk: bad input must leave no empty folder behind.
+        _check_local_writable(Path(local), root, flag)
+        return
     marker = join(root, f".write-check-{uuid.uuid4().hex}")
     try:
         write_bytes(marker, b"")
@@ -160,3 +165,15 @@ def check_writable(root: str, flag: str = "--storage") -> None:
                 "check the bucket name, the credentials (AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY, or the cloud's own) and the endpoint")
         raise UsageError(f"{flag} {root} cannot be written ({detail}); {hint}") from None
+
+
+def _check_local_writable(path: Path, root: str, flag: str) -> None:
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {root} cannot be written ({existing} is not a folder); "
+                         "create the folder or pick another")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {root} cannot be written (no write permission on "
+                         f"{existing}); create the folder or pick another")

@@ -23,7 +23,7 @@ import torch
 from ray.train.torch import TorchTrainer
 
 from resnet.config import TARGET_ACC, TrainConfig
-from resnet.data import Dataset, Splits, make_splits, open_dataset
+from resnet.data import Dataset, Splits, check_split_sizes, make_splits, open_dataset
 from resnet.errors import TrainingFailed, UsageError
 from resnet.infra import storage, timing
 from resnet.infra.cluster import (check_shared_storage, connect_ray, ray_cluster, resolve_hardware)
@@ -147,11 +147,13 @@ def train_driver_fn(config: TrainConfig) -> dict[str, Any]:
     started = time.time()
     storage.check_writable(storage.absolute(config.storage))  # a bad --storage fails first
     timing.mark("data_start")
-    cached, load = open_dataset(config.data)
+    counts, load = open_dataset(config.data)
+    if counts is not None:  # sizes are checked from the cache's labels before Ray starts
+        check_batch_within(config, check_split_sizes(*counts, config.val_size, config.subset))
     with ThreadPoolExecutor(1) as background:
         # A source in the Parquet cache is read while Ray starts; one to decode is decoded
         # first, so that bad input fails before Ray is up.
-        loading = background.submit(load) if cached else None
+        loading = background.submit(load) if counts is not None else None
         dataset = load() if loading is None else None
         if loading is None:
             splits = checked_splits(config, dataset)
@@ -225,8 +227,12 @@ def storage_problem(run_dir: str) -> str | None:
 
 
 def check_batch_fits(config: TrainConfig, splits: Splits) -> None:
-    if config.batch_size > len(splits.train_y):
-        raise UsageError(f"--batch-size {config.batch_size} exceeds the {len(splits.train_y)} "
+    check_batch_within(config, len(splits.train_y))
+
+
+def check_batch_within(config: TrainConfig, train_images: int) -> None:
+    if config.batch_size > train_images:
+        raise UsageError(f"--batch-size {config.batch_size} exceeds the {train_images} "
                          "training images; lower it or train on more images")
 
 
