@@ -18,8 +18,10 @@ def build_parser() -> OneLineParser:
                     "torchvision's DataLoader; 3. start-up of jobs.train, cold and warm cache, "
                     "against a no-op TorchTrainer; 4. channels_last, bf16 and torch.compile "
                     "(compile seconds, cold and warm cache); 5. two 1-CPU workers against one "
-                    "2-CPU worker. Each ratio is of two sides measured in this run; the tables "
-                    "also go to a JSON file. --gpu-check runs the GPU figures instead.")
+                    "2-CPU worker; 6. jobs.predict's Ray Data pipeline (1 and 2 replicas) "
+                    "against a plain PyTorch loop on the same 10,000 image files. Each ratio is "
+                    "of two sides measured in this run; the tables also go to a JSON file. "
+                    "--gpu-check runs the GPU figures instead.")
     p.add_argument("--data", help="data source, as for jobs.train (default: $CIFAR10_DATA, else "
                    "torchvision's download)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (resnet20, batch 32, 2 "

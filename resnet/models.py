@@ -160,7 +160,7 @@ class TinyNet(nn.Module):
 
 _BUILDERS = {"resnet20": ResNet20, "resnet18": ResNet18, "tiny": TinyNet}
 # The last residual stage (the last feature stage for tiny): Grad-CAM's target layer.
-_LAST_STAGE = {ResNet20: "stage3", ResNet18: "layer4", TinyNet: "features"}
+LAST_STAGE = {ResNet20: "stage3", ResNet18: "layer4", TinyNet: "features"}
 
 
 def build_model(name: str, num_classes: int = 10, dirac_init: bool = False) -> nn.Module:
@@ -187,7 +187,7 @@ def init_residual_identity(model: nn.Module) -> None:
 
 def last_stage(model: nn.Module) -> nn.Module:
     """The last residual stage of an unwrapped model (N x C x 8 x 8 for resnet20)."""
-    return getattr(model, _LAST_STAGE[type(model)])
+    return getattr(model, LAST_STAGE[type(model)])
 
 
 class FlipTTA(nn.Module):

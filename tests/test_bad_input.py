@@ -74,6 +74,9 @@ def build_inputs(tmp: Path, cifar, archive: Path, s3: str) -> dict[str, list[str
     (tmp / "grid.json").write_text('{"lr": {"grid": [0.1, 0.2]}}')
     (tmp / "not-a-schedule.json").write_text('{"lr": 0.1}')
     cam = ["--data", str(archive), "--checkpoint"]
+    (tmp / "no-images").mkdir()
+    (tmp / "a-file").write_text("x")
+    export = [str(tmp / "model.pt2"), str(big), "--classes", ",".join("abcdefghij")]
     return {
         "data-missing": ["jobs.train", "--data", str(tmp / "nope")],
         "data-unreadable": ["jobs.train", "--data", str(locked)],
@@ -113,6 +116,10 @@ def build_inputs(tmp: Path, cifar, archive: Path, s3: str) -> dict[str, list[str
         "storage-unreachable": ["jobs.train", *data, "--storage", "s3://runs/x?endpoint_override="
                                 "http://127.0.0.1:9&region=us-east-1"],
         "storage-unknown-scheme": ["jobs.train", *data, "--storage", "nosuchfs://bucket/runs"],
+        # jobs.predict: nothing to predict, a MODEL that is no export, an --out it cannot write.
+        "predict-empty-source": ["jobs.predict", export[0], str(tmp / "no-images"), *export[2:]],
+        "predict-not-an-export": ["jobs.predict", str(tmp / "corrupt.pt"), str(big)],
+        "predict-out-not-writable": ["jobs.predict", *export, "--out", str(tmp / "a-file" / "x")],
     }
 
 
@@ -155,8 +162,9 @@ def test_bad_input_is_one_line_and_writes_nothing(case, inputs, capsys, tmp_path
     tmp, commands = inputs
     job, *args = commands[case]
     out = tmp_path / "out"
-    if "--storage" not in args:
-        args += ["--out", str(out)] if job == "jobs.gradcam" else ["--storage", str(out)]
+    if "--storage" not in args and "--out" not in args:
+        args += ["--out", str(out)] if job in ("jobs.gradcam", "jobs.predict") else \
+            ["--storage", str(out)]
     if case == "data-unreadable":
         code, err = run_unprivileged(job, args)
     else:

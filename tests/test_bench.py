@@ -50,7 +50,7 @@ def test_gpu_check_smoke_runs_every_part(shared_archive, tmp_path):
                    "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     tables = json.loads(out.read_text())["tables"]
-    assert [title.split(".")[0] for title in tables] == ["1", "2", "3", "4"]
+    assert [title.split(".")[0] for title in tables] == ["1", "2", "3", "4", "5"]
     for title in tables:
         assert title in proc.stdout
     by_number = {title.split(".")[0]: rows for title, rows in tables.items()}
@@ -68,3 +68,6 @@ def test_gpu_check_smoke_runs_every_part(shared_archive, tmp_path):
                             "no-op TorchTrainer"}
     assert all(row["to_first_step_s"] > row["worker_group_start_s"] > 0
                for row in startup.values())
+    [predict] = by_number["5"]  # jobs.predict's pipeline (on this CPU) against the plain loop
+    assert predict["images"] == 512 and predict["pipeline"].startswith("1 replica(s) x ")
+    assert predict["ratio"] == predict["pipeline_images_per_s"] / predict["plain_images_per_s"] > 0

@@ -52,7 +52,8 @@ def test_the_readme_pictures_are_real_and_small():
 
 
 @pytest.mark.parametrize("job", ["jobs.train", "jobs.tune", "jobs.gradcam", "jobs.bench",
-                                 "jobs.via_import", "jobs.analyze", "jobs.runtime_env"])
+                                 "jobs.via_import", "jobs.analyze", "jobs.runtime_env",
+                                 "jobs.predict"])
 def test_help_and_docs_document_every_flag(job):
     proc = subprocess.run([sys.executable, "-m", job, "--help"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)

@@ -20,9 +20,10 @@ LAYERS: list[tuple[str, ...]] = [
     ("resnet.infra",),
     ("resnet.data", "resnet.models"),
     ("resnet.train",),
-    ("resnet.tune", "resnet.bench"),
-    ("resnet.report",),
-    ("resnet.sweep",),
+    ("resnet.tune",),
+    ("resnet.report", "resnet.tracking"),
+    ("resnet.predict",),
+    ("resnet.sweep", "resnet.bench"),
 ]
 
 

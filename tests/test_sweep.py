@@ -85,7 +85,7 @@ def test_resume_takes_the_stored_settings_whatever_todays_defaults(tmp_path):
     ({"scheduler": "fifo"}, "scheduler asha (now fifo)"),
     ({"num_workers": 2}, "num_workers 1 (now 2)"),
     ({"seed": 1, "name": "tune-resnet20-cpu-seed0"}, "seed 0 (now 1)"),
-    ({"max_concurrent": 2}, "max_concurrent null (now 2)"),
+    ({"max_concurrent": 2}, "max_concurrent null (now 2: Tune restores"),
 ])
 def test_resume_with_other_settings_is_refused_naming_them(tmp_path, given, named):
     stored_sweep(tmp_path)

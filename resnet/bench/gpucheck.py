@@ -7,7 +7,9 @@ itself (at most ``budget_s``, 8 minutes by default). Run it first whenever a GPU
    and resnet18 with the fast recipe at fewer epochs, start-up included, stopped at the target;
 3. aggregate samples/s of k trials packed on one GPU (``--gpus-per-worker 1/k``) against one,
    and the GPU memory each used;
-4. start-up phases on that machine (``resnet/bench/startup.py``).
+4. start-up phases on that machine (``resnet/bench/startup.py``);
+5. jobs.predict's Ray Data pipeline (a replica per GPU, decoding in CPU tasks) against a plain
+   PyTorch loop on one GPU, on 10,000 image files (``resnet/bench/predict_speed.py``).
 
 Each part has its share of the budget; a part that cannot fit is reported as not run. On a CPU
 (``--smoke``) every part runs at tiny sizes, so CI keeps the code working.
@@ -28,6 +30,7 @@ from typing import Any, Callable
 import ray
 
 from resnet.bench.compare import VAL_SHARE, compare_task
+from resnet.bench.predict_speed import bench_predict
 from resnet.bench.startup import bench_startup
 from resnet.config import TARGET_ACC, make_config
 from resnet.data import load_splits
@@ -78,13 +81,17 @@ def run_check(check: GpuCheck, on_table: Callable[[str, list[dict]], None] | Non
     # Start-up first: jobs.train and the no-op trainer start Ray of their own.
     part("4. start-up to the first step (seconds)", 0.2,
          lambda allowed: bench_startup(check.data, workdir, check.smoke))
-    part("2. wall seconds from the command to the target val_acc", 0.45,
+    part("2. wall seconds from the command to the target val_acc", 0.4,
          lambda allowed: to_target(check, workdir, time.monotonic() + allowed))
     connect_ray()
     part("1. seconds per epoch of the fast preset, against the bare loop", 0.2,
          lambda allowed: epochs(check))
     part("3. k trials packed on one GPU", 0.15,
          lambda allowed: packing(check, workdir, time.monotonic() + allowed))
+    part("5. jobs.predict's pipeline against a plain PyTorch loop (images/s)", 0.05,
+         lambda allowed: bench_predict(check.data, workdir, images=512 if check.smoke else 10_000,
+                                       batch=check.sizes["batch"], rounds=1,
+                                       replicas=(1,), use_gpu=_cuda()))
     return {"tables": dict(sorted(tables.items())), "budget_s": check.budget_s}
 
 

@@ -22,6 +22,8 @@ import ray
 import torch
 
 from resnet.bench.compare import VAL_SHARE, bare_step, compare_task, interleaved, repeat, sync
+from resnet.bench.predict_speed import TITLE as PREDICT_TITLE
+from resnet.bench.predict_speed import bench_predict
 from resnet.bench.startup import bench_startup
 from resnet.config import make_config
 from resnet.data import Splits, load_splits
@@ -255,6 +257,9 @@ def run_bench(bench: BenchConfig, on_table: Callable[[str, list[dict]], None] | 
     if cpus >= 2 and not torch.cuda.is_available():
         done("5. workers on one machine (samples/s, aggregate)",
              bench_workers(bench, os.path.join(workdir, "runs")))
+    done(PREDICT_TITLE, bench_predict(bench.data, workdir, images=512 if bench.smoke else 10_000,
+                                      batch=bench.batch_size, rounds=bench.rounds,
+                                      model=bench.models[0]))
     return {"tables": dict(sorted(tables.items())), "cpus": cpus, "device": device_name(cpus)}
 
 
