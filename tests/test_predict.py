@@ -221,14 +221,19 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys):
         ([str(export), str(images), "--out", str(tmp_path / "a-file" / "sub")],
          "cannot be written"),
     ]
+    # In the whole suite the session's Ray may be up already: Ray must be as it was; the
+    # subprocesses below prove "before Ray starts" (Ray's first log line would be a second line).
+    was_up = ray.is_initialized()
     for args, message in cases:
         code = main([*args, *([] if "--out" in args else ["--out", str(out)])])
         err = capsys.readouterr().err
         assert code == 2 and message in err and err.count("\n") == 1, (args, err)
-        assert not out.exists() and not ray.is_initialized()  # before Ray starts
-    proc = run_job("jobs.predict", str(tmp_path / "notes.pt2"), str(images), "--out", str(out))
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
-    assert not out.exists()
+        assert not out.exists() and ray.is_initialized() == was_up
+    for args in ([str(tmp_path / "notes.pt2"), str(images), "--out", str(out)],
+                 [str(export), str(images), "--out", str(tmp_path / "a-file" / "sub")]):
+        proc = run_job("jobs.predict", *args)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert "Traceback" not in proc.stderr and not out.exists()
 
 
 # --- the pipeline on a real local Ray ----------------------------------------------------------

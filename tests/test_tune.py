@@ -173,7 +173,8 @@ def test_resume_with_other_settings_or_nothing_to_resume_is_refused(sweep, capsy
     err = capsys.readouterr().err
     assert "--resume: sweep 'sweep' was started with other settings: epochs 2 (now 3)" in err
     assert err.count("\n") == 1
-    assert main([*args[:-1], "elsewhere", "--resume"]) == 2  # --name elsewhere
+    name = args.index("--name") + 1
+    assert main([*args[:name], "elsewhere", *args[name + 1:], "--resume"]) == 2
     err = capsys.readouterr().err
     assert "--resume: there is no sweep 'elsewhere' in" in err and err.count("\n") == 1
     assert files_under(sweep["uri"]) == written
