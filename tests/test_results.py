@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from resnet.train.checkpoint import CHECKPOINT_FILE
-from resnet.tune.results import best_row, first_at_target, first_epochs, metric_mode, per_trial
+from resnet.tune.results import (SweepResults, best_row, first_at_target, first_epochs, metric_mode,
+                                 per_trial, print_table)
 
 
 def table(tmp_path, rows, kept=None):
@@ -85,6 +86,27 @@ def test_first_epoch_at_target_per_trial_and_overall(tmp_path):
     assert first_epochs(trials, 0.88) == {"a": 2, "b": 2, "c": None}
     assert first_at_target(trials, 0.88) == {"trial_id": "a", "epoch": 2}
     assert first_at_target(trials, 0.95) is None
+
+
+def test_the_console_names_the_winners_own_passage_of_the_target_and_its_last_epoch(
+        tmp_path, capsys):
+    # b passes first (epoch 1) but a wins (0.91 at epoch 3), passing at epoch 2 and ending lower.
+    trials = table(tmp_path, [("a", 1, 0.5, "completed"), ("a", 2, 0.885, "completed"),
+                              ("a", 3, 0.91, "completed"), ("a", 4, 0.9, "completed"),
+                              ("b", 1, 0.881, "completed"), ("c", 1, 0.3, "early-stopped")])
+    results = SweepResults(trials=trials, configs={}, best=best_row(trials),
+                           first_epoch_per_trial=first_epochs(trials, 0.88),
+                           first_at_target=first_at_target(trials, 0.88))
+    print_table(results, 0.88)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-2] == ("target val_acc 0.88 reached by trial b at epoch 1; best 0.9100 "
+                         "(trial a, epoch 3)")
+    assert lines[-1] == "winner a: passed 0.88 at epoch 2, val_acc 0.9000 at its last epoch (4)"
+    print_table(SweepResults(trials=trials, configs={}, best=best_row(trials),
+                             first_epoch_per_trial=first_epochs(trials, 0.95),
+                             first_at_target=None), 0.95)
+    assert capsys.readouterr().out.strip().splitlines()[-1] == \
+        "winner a: never passed 0.95, val_acc 0.9000 at its last epoch (4)"
 
 
 @pytest.mark.parametrize("metric, mode", [("val_acc", "max"), ("val_loss", "min"),

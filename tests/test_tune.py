@@ -72,6 +72,9 @@ def test_sweep_finds_the_best_trial_and_explains_it(sweep, shared_archive):
     # Beside the best, the winner's last epoch (its final val_acc).
     last = trials[trials["trial_id"] == summary["best_trial"]].sort_values("epoch").iloc[-1]
     assert summary["best_trial_final_val_acc"] == last["val_acc"]
+    assert summary["best_trial_last_epoch"] == last["epoch"]
+    own = trials[(trials["trial_id"] == summary["best_trial"]) & (trials["val_acc"] >= 0.2)]
+    assert summary["best_trial_first_epoch_at_target"] == (own["epoch"].min() if len(own) else None)
     from resnet.data import load_splits
     _, splits = load_splits(str(shared_archive), 500, 1000, 0)
     x = torch.tensor(splits.val_x[:16]).float() / 255
@@ -98,7 +101,8 @@ def test_sweep_finds_the_best_trial_and_explains_it(sweep, shared_archive):
                for i in range(10) for j in range(i + 1, 10))
 
     # The console: one line per epoch per trial without Ray's process prefix, none of Ray's
-    # known noise, and it ends with the per-trial table, the target line and what to look at.
+    # known noise, and it ends with the per-trial table, the target line, the winner's line
+    # and what to look at.
     from resnet.infra.console import NOISE
     console = proc.stdout + proc.stderr
     assert not [line for line in console.splitlines() if any(p.search(line) for p in NOISE)]
@@ -111,7 +115,13 @@ def test_sweep_finds_the_best_trial_and_explains_it(sweep, shared_archive):
     uri = sweep["uri"]  # what the jobs were told: a folder, or s3://... with its endpoint
     report, command = storage.join(uri, "analysis", "report.html"), shlex.join(
         ["python", "-m", "jobs.analyze", uri])
-    assert tail[target_line + 1] == f"report: {report} ({command} refreshes it)"
+    passed = summary["best_trial_first_epoch_at_target"]
+    assert tail[target_line + 1] == (
+        f"winner {summary['best_trial']}: "
+        + (f"passed 0.20 at epoch {passed}" if passed else "never passed 0.20")
+        + f", val_acc {summary['best_trial_final_val_acc']:.4f} at its last epoch "
+        f"({summary['best_trial_last_epoch']})")
+    assert tail[target_line + 2] == f"report: {report} ({command} refreshes it)"
     assert (exp / "analysis" / "report.html").is_file()
     assert f"Grad-CAM: {storage.join(uri, 'gradcam', 'gradcam.png')}" in tail
     assert "of Ray's own logging were not shown here; Ray keeps all of it in" in proc.stderr

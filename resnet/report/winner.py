@@ -57,8 +57,11 @@ def finish(run: SweepRun) -> dict[str, Any]:
         "sweep": exp_dir, "profile": sweep.profile,
         "best_trial": best["trial_id"], "best_val_acc": best["val_acc"],
         "best_epoch": best["epoch"], "best_checkpoint": best["checkpoint_path"],
-        # The best trial's last epoch, beside its best: one that ends at its best is trusted.
+        # The best trial's last epoch, beside its best: one that ends at its best is trusted;
+        # and the first epoch at which it passed the target (None: never).
         "best_trial_final_val_acc": float(table.loc[best["trial_id"], "final_val_acc"]),
+        "best_trial_last_epoch": int(table.loc[best["trial_id"], "epochs"]),
+        "best_trial_first_epoch_at_target": results.first_epoch_per_trial.get(best["trial_id"]),
         "best_config": winner.to_dict(),
         "target_acc": sweep.target, "target_reached": results.first_at_target is not None,
         "first_at_target": results.first_at_target,

@@ -277,6 +277,13 @@ def print_table(results: SweepResults, target: float) -> None:
     elif best:
         print(f"target val_acc {target:.2f} not reached; best {best['val_acc']:.4f} "
               f"(trial {best['trial_id']}, epoch {best['epoch']})", flush=True)
+    if best:  # the winner's own passage of the target and its last epoch, beside its best
+        row = table.set_index("trial").loc[best["trial_id"]]
+        passed = results.first_epoch_per_trial.get(best["trial_id"])
+        print(f"winner {best['trial_id']}: "
+              f"{f'passed {target:.2f} at epoch {passed}' if passed else f'never passed {target:.2f}'}"
+              f", val_acc {row['final_val_acc']:.4f} at its last epoch ({row['epochs']})",
+              flush=True)
 
 
 def _plain(value: Any) -> Any:
