@@ -6,8 +6,8 @@ import argparse
 import os
 import sys
 
-from resnet.config import (AUGMENTS, FLIPS, MODELS, OPTIMIZERS, PLACEMENTS, PRESETS, SCHEDULES,
-                           TrainConfig, make_config, parse_milestones)
+from resnet.config import (AUGMENTS, FLIPS, MODELS, NORMALIZE, OPTIMIZERS, PLACEMENTS, PRESETS,
+                           SCHEDULES, TrainConfig, make_config, parse_milestones)
 from resnet.errors import OneLineParser, UsageError, run_main
 from resnet.infra.console import hidden_note, quiet
 from resnet.tune.replay import read_schedule
@@ -66,6 +66,9 @@ def build_parser() -> OneLineParser:
                      f"keras: 0.1 shifts with nearest fill + flip (default {D.augment})")
     opt.add_argument("--crop-pad", type=int, help="crop: zero padding in pixels, the largest "
                      f"shift each way (default {D.crop_pad})")
+    opt.add_argument("--normalize", choices=NORMALIZE, help="channel: per-channel mean and std; "
+                     "pixel: minus the training images' per-pixel mean, as Keras' example "
+                     f"(default {D.normalize}; keras: pixel)")
     opt.add_argument("--cutout", type=int, help=f"cutout square side in pixels, 0 = off (default {D.cutout})")
     decay = opt.add_mutually_exclusive_group()
     decay.add_argument("--no-bn-bias-decay", dest="bn_bias_decay", action="store_const",

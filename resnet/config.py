@@ -14,6 +14,7 @@ MODELS = ("resnet20", "resnet18", "tiny")
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
 SCHEDULES = ("onecycle", "cosine", "step")
 AUGMENTS = ("crop", "keras", "none")
+NORMALIZE = ("channel", "pixel")
 FLIPS = ("random", "alternate")
 PLACEMENTS = ("pack", "spread", "strict-spread")
 # The grad-cam package's methods offered by --gradcam-method / --method (resnet/report/gradcam.py).
@@ -32,6 +33,10 @@ class TrainConfig:
     # instead of he_normal; the layers are unchanged.
     dirac_init: bool = False
     data: str | None = None  # a data source; None: $CIFAR10_DATA, else torchvision's download
+    # The model's input normalisation. channel: (x - mean) / std per channel, CIFAR-10's
+    # constants; pixel: minus the training images' per-pixel mean (a 3 x 32 x 32 image taken
+    # when training starts, kept in the weights and the export), as the Keras example does.
+    normalize: str = "channel"
     val_size: int = 5000  # images carved from train for validation (stratified)
     subset: int | None = None  # train on a stratified subset of this many images (smoke runs)
     seed: int = 0
@@ -148,6 +153,7 @@ class TrainConfig:
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("augment", self.augment, AUGMENTS)
+        _check_choice("normalize", self.normalize, NORMALIZE)
         _check_choice("flip", self.flip, FLIPS)
         _check_choice("placement", self.placement, PLACEMENTS)
         _check(self.bn_lr_scale > 0 and math.isfinite(self.bn_lr_scale),
@@ -225,11 +231,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # decay on BatchNorm and biases, an EMA of the weights for evaluation, flip TTA.
     "fast": {"model": "resnet20", "epochs": 30, "bn_bias_decay": False, "ema": 0.995,
              "tta": True},
-    # The original Keras run: ResNet20v1, RMSprop, batch 32, L2 1e-4 on conv kernels as a loss
-    # term, Keras shift-and-flip augmentation, LR 0.003 then stepped down from epoch 10 on.
+    # The original Keras run: ResNet20v1 on inputs minus the training images' per-pixel mean,
+    # RMSprop, batch 32, L2 1e-4 on conv kernels as a loss term, Keras shift-and-flip
+    # augmentation, LR 0.003 then stepped down from epoch 10 on.
     "keras": {
-        "model": "resnet20", "epochs": 50, "batch_size": 32, "optimizer": "rmsprop",
-        "lr": 0.003, "rho": 0.9, "eps": 1e-7, "weight_decay": 0.0, "l2": 1e-4, "bn_momentum": 0.01,
+        "model": "resnet20", "normalize": "pixel", "epochs": 50, "batch_size": 32,
+        "optimizer": "rmsprop", "lr": 0.003, "rho": 0.9, "eps": 1e-7, "weight_decay": 0.0, "l2": 1e-4, "bn_momentum": 0.01,
         "label_smoothing": 0.0, "schedule": "step", "warmup_frac": 0.0, "augment": "keras", "cutout": 0,
         "milestones": ((10, 0.5), (17, 0.9), (24, 0.8), (27, 0.8), (30, 0.7), (37, 0.7), (42, 0.8)),
     },

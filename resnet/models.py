@@ -30,6 +30,19 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
+class PixelMean(nn.Module):
+    """x minus the training images' mean image (1 x 3 x H x W, in [0, 1]): the Keras example's
+    input. A persistent buffer, zero until training sets it (``set_pixel_mean``), so the
+    checkpoint and the export carry it."""
+
+    def __init__(self, size: int = 32):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(1, 3, size, size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - self.mean
+
+
 # --- ResNet20v1, the Keras example model (keras-team/keras examples/cifar10_resnet.py) ---------
 
 def _keras_bn(channels: int) -> nn.BatchNorm2d:
@@ -163,14 +176,26 @@ _BUILDERS = {"resnet20": ResNet20, "resnet18": ResNet18, "tiny": TinyNet}
 LAST_STAGE = {ResNet20: "stage3", ResNet18: "layer4", TinyNet: "features"}
 
 
-def build_model(name: str, num_classes: int = 10, dirac_init: bool = False) -> nn.Module:
-    """Build a model by name; an unknown name is a usage error listing the known ones."""
+def build_model(name: str, num_classes: int = 10, dirac_init: bool = False,
+                normalize: str = "channel") -> nn.Module:
+    """Build a model by name; an unknown name is a usage error listing the known ones.
+    ``normalize="pixel"``: the input minus a per-pixel mean image instead of per-channel
+    constants (``set_pixel_mean`` fills it in)."""
     if name not in _BUILDERS:
         raise UsageError(f"unknown model {name!r}; known models: {', '.join(_BUILDERS)}")
     model = _BUILDERS[name](num_classes)
+    if normalize == "pixel":
+        model.normalize = PixelMean()
     if dirac_init:
         init_residual_identity(model)
     return model
+
+
+@torch.no_grad()
+def set_pixel_mean(model: nn.Module, images: torch.Tensor) -> None:
+    """Set a ``PixelMean`` model's mean image from uint8 N x 3 x H x W training images."""
+    total = images.sum(0, keepdim=True, dtype=torch.float64)  # 1 x 3 x H x W, exact for any N
+    model.normalize.mean.copy_((total / (255.0 * len(images))).to(model.normalize.mean))
 
 
 @torch.no_grad()

@@ -146,3 +146,31 @@ def test_a_batch_larger_than_the_training_set_is_refused():
     check_batch_fits(make_config(batch_size=100), splits)
     with pytest.raises(UsageError, match="--batch-size 128 exceeds the 100 training images"):
         check_batch_fits(make_config(batch_size=128), splits)
+
+
+def test_the_keras_preset_subtracts_the_training_images_mean_image_in_the_weights(cifar):
+    # The Keras example subtracts the per-pixel mean of the training images (x_train_mean):
+    # the loop takes it from what it trains on, the checkpoint and the export carry it.
+    import io
+
+    from resnet.data import make_splits
+    from resnet.train.checkpoint import export_model, inference_model
+    from resnet.train.loop import build_loop, state_dict
+    config = make_config("keras", subset=1000, val_size=500, ema=0.9)
+    splits = make_splits(cifar, 500, 1000, 0)
+    loop = build_loop(config, splits, torch.device("cpu"))
+    expected = torch.from_numpy(splits.train_x).double().mean(0, keepdim=True) / 255
+    for net in (loop.net, loop.eval_net):  # the trained weights and their EMA alike
+        assert torch.allclose(net.normalize.mean.double(), expected, atol=1e-6)
+    assert expected.std() > 0.01  # a mean image, not a constant per channel
+    state = {**state_dict(loop), "config": config.to_dict(), "classes": list(splits.classes)}
+    assert "normalize.mean" in state["model"]
+    x = torch.from_numpy(splits.val_x[:8]).float() / 255
+    rebuilt = inference_model(state)
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(x), loop.eval_net.eval()(x), atol=1e-5)
+        exported = torch.export.load(io.BytesIO(export_model(rebuilt))).module()
+        assert torch.allclose(exported(x), rebuilt(x), atol=1e-5)
+    # The other presets keep CIFAR-10's per-channel constants, outside the state dict.
+    assert "normalize.mean" not in build_model("resnet20").state_dict()
+    assert make_config("fast").normalize == "channel" and config.normalize == "pixel"

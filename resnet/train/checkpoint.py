@@ -68,7 +68,8 @@ def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
 def model_from_state(state: dict[str, Any]) -> nn.Module:
     """Rebuild the model a checkpoint was trained as, with its weights, in eval mode."""
     name = state["config"]["model"]
-    model = build_model(name, num_classes=len(state.get("classes", range(10))))
+    model = build_model(name, num_classes=len(state.get("classes", range(10))),
+                        normalize=state["config"].get("normalize", "channel"))
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:

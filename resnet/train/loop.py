@@ -21,7 +21,7 @@ from torch import nn
 
 from resnet.config import TrainConfig
 from resnet.data import Splits
-from resnet.models import FlipTTA, build_model, conv_kernels, set_bn_momentum
+from resnet.models import FlipTTA, build_model, conv_kernels, set_bn_momentum, set_pixel_mean
 from resnet.train.augment import EpochPlan, augment, plan_epoch
 from resnet.train.checkpoint import weights_digest
 from resnet.train.ema import EMA
@@ -195,8 +195,10 @@ def build_loop(config: TrainConfig, splits: Splits, device: torch.device, rank: 
     """The loop's state at step 0. ``wrap`` moves the model to the device and makes it
     distributed (Ray Train's ``prepare_model``); by default it is only moved."""
     torch.manual_seed(config.seed)  # same initial weights on every rank (DDP also broadcasts)
-    net = set_bn_momentum(build_model(config.model, len(splits.classes), config.dirac_init),
-                          config.bn_momentum)
+    net = set_bn_momentum(build_model(config.model, len(splits.classes), config.dirac_init,
+                                      config.normalize), config.bn_momentum)
+    if config.normalize == "pixel":  # the mean image of what this run trains on (a resume
+        set_pixel_mean(net, torch.from_numpy(splits.train_x))  # restores the same from its state)
     if config.channels_last:  # NHWC convolutions: faster on CUDA and on CPU (jobs.bench)
         net = net.to(memory_format=torch.channels_last)
     model = wrap(net) if wrap is not None else net.to(device)
