@@ -3,17 +3,29 @@ TorchTrainer per trial), then the best model's export and Grad-CAM."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from jobs.train import (add_compile_flag, add_device_flags, add_eval_variants_flag,
                         add_mlflow_flags, add_verbose_flag)
-from resnet.config import CAM_METHODS, MODELS, OPTIMIZERS
+from resnet.config import ALL_IMAGES, CAM_METHODS, MODELS, OPTIMIZERS
 from resnet.errors import OneLineParser, run_main
 from resnet.infra.console import hidden_note, quiet
 
 SWEEP_KEYS = ("samples", "target", "scheduler", "search", "grace_period",
               "perturbation_interval", "max_concurrent", "space", "keras_trial",
               "gradcam_images", "gradcam_method", "resume", "mlflow", "mlflow_model_name")
+
+
+def subset_arg(text: str) -> int | str:
+    """--subset: a number of images, or 'all' (every training image, on any profile)."""
+    if text == ALL_IMAGES:
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number of images nor "
+                                         f"'{ALL_IMAGES}'") from None
 
 
 def build_parser() -> OneLineParser:
@@ -65,7 +77,8 @@ def build_parser() -> OneLineParser:
     d.add_argument("--data", help="data source, as for jobs.train (default: $CIFAR10_DATA, else "
                    "torchvision's download)")
     d.add_argument("--model", choices=MODELS, help="architecture (default resnet20)")
-    d.add_argument("--subset", type=int, help="train on a stratified subset (GPU: all, CPU 4000)")
+    d.add_argument("--subset", type=subset_arg, help="train on a stratified subset of this many "
+                   "images, or 'all' (GPU: all, CPU 4000)")
     d.add_argument("--val-size", type=int, help="validation images carved from train (GPU 5000, "
                    "CPU 2000)")
     d.add_argument("--seed", type=int, help="seed of splits, sampling and training (default 0)")

@@ -20,6 +20,7 @@ PLACEMENTS = ("pack", "spread", "strict-spread")
 # The grad-cam package's methods offered by --gradcam-method / --method (resnet/report/gradcam.py).
 CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam",
                "eigengradcam", "elementwise", "scorecam", "ablationcam")
+ALL_IMAGES = "all"  # jobs.tune --subset all: every training image, whatever the profile says
 TARGET_ACC = 0.88  # the accuracy the project aims to pass; summary.json records when it was
 
 

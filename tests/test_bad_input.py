@@ -93,6 +93,7 @@ def build_inputs(tmp: Path, cifar, archive: Path, s3: str) -> dict[str, list[str
         "lr-negative": ["jobs.train", *data, "--lr", "-0.1"],
         "val-size-too-large": ["jobs.train", *data, "--val-size", "60000"],
         "subset-too-small": ["jobs.train", *data, "--subset", "9"],
+        "tune-subset-not-a-number": ["jobs.tune", *data, "--subset", "most"],
         "fractional-gpus-several-workers": ["jobs.train", *data, "--gpu", "--gpus-per-worker",
                                             "0.5", "--num-workers", "2"],
         "batch-not-divisible": ["jobs.train", *data, "--batch-size", "3", "--num-workers", "2"],

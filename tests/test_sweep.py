@@ -136,6 +136,10 @@ def test_the_profile_follows_the_clusters_gpus_and_flags_win():
     on_cpus = make_sweep(train, {**sweep, "resume": None, "samples": 2}, resources=GPU_NODE)
     assert on_cpus.profile == "cpu" and (on_cpus.samples, on_cpus.base.epochs) == (2, 4)
     assert on_cpus.base.run_name == "tune-tiny-cpu-seed0" and on_cpus.base.subset == 4000
+    # --subset all: every training image on the CPU profile too (its own 4000 otherwise).
+    train["subset"] = "all"
+    full = make_sweep(train, {**sweep, "resume": None}, resources=GPU_NODE)
+    assert full.profile == "cpu" and full.base.subset is None and full.base.val_size == 2000
 
 
 def test_hardware_is_filled_from_the_cluster_and_refused_when_it_cannot_fit():

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import ray
 
-from resnet.config import TARGET_ACC, TrainConfig, make_config
+from resnet.config import ALL_IMAGES, TARGET_ACC, TrainConfig, make_config
 from resnet.errors import MLFLOW_MISSING, UsageError
 from resnet.infra import storage
 from resnet.infra.cluster import connect_ray
@@ -124,6 +124,9 @@ def make_sweep(train_flags: dict[str, Any], sweep_flags: dict[str, Any],
     ``cluster_resources()``), read after the flags and the --space file are checked, from a
     Ray it connects to then unless given.
     """
+    all_images = train_flags.get("subset") == ALL_IMAGES
+    if all_images:  # the config's subset None (all); not "not given", which takes the profile's
+        train_flags = {**train_flags, "subset": None}
     given = {k: v for k, v in train_flags.items() if v is not None}
     make_config(SWEEP_PRESET, **given)  # bad flags fail here, before Ray starts
     storage.check_writable(storage.absolute(given.get("storage", TrainConfig.storage)))
@@ -150,7 +153,8 @@ def make_sweep(train_flags: dict[str, Any], sweep_flags: dict[str, Any],
     use_gpu = train_flags.get("use_gpu")
     profile = "gpu" if (has_gpu if use_gpu is None else use_gpu) else "cpu"
     chosen = {k: v for k, v in PROFILES[profile].items()
-              if {**train_flags, **sweep_flags}.get(k) is None}
+              if {**train_flags, **sweep_flags}.get(k) is None
+              and not (all_images and k == "subset")}
     train = {**{k: v for k, v in chosen.items() if k in ("epochs", "subset", "val_size")},
              **given}
     train.setdefault("name", default_name(train.get("model", "resnet20"), profile,
