@@ -237,7 +237,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # augmentation, LR 0.003 then stepped down from epoch 10 on.
     "keras": {
         "model": "resnet20", "normalize": "pixel", "epochs": 50, "batch_size": 32,
-        "optimizer": "rmsprop", "lr": 0.003, "rho": 0.9, "eps": 1e-7, "weight_decay": 0.0, "l2": 1e-4, "bn_momentum": 0.01,
+        "optimizer": "rmsprop", "lr": 0.003, "rho": 0.9, "eps": 1e-7, "weight_decay": 0.0,
+        "l2": 1e-4, "bn_momentum": 0.01,
         "label_smoothing": 0.0, "schedule": "step", "warmup_frac": 0.0, "augment": "keras", "cutout": 0,
         "milestones": ((10, 0.5), (17, 0.9), (24, 0.8), (27, 0.8), (30, 0.7), (37, 0.7), (42, 0.8)),
     },

@@ -192,10 +192,9 @@ def build_model(name: str, num_classes: int = 10, dirac_init: bool = False,
 
 
 @torch.no_grad()
-def set_pixel_mean(model: nn.Module, images: torch.Tensor) -> None:
-    """Set a ``PixelMean`` model's mean image from uint8 N x 3 x H x W training images."""
-    total = images.sum(0, keepdim=True, dtype=torch.float64)  # 1 x 3 x H x W, exact for any N
-    model.normalize.mean.copy_((total / (255.0 * len(images))).to(model.normalize.mean))
+def set_pixel_mean(model: nn.Module, mean: torch.Tensor) -> None:
+    """Set a ``PixelMean`` model's mean image: 1 x 3 x H x W in [0, 1]."""
+    model.normalize.mean.copy_(mean.to(model.normalize.mean))
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -90,10 +91,10 @@ def prepare_device(device: torch.device, cpus: int | None) -> None:
     Ray gave it (or workers on one machine oversubscribe its cores); on CUDA, cuDNN's autotuner
     (fixed 32 x 32 inputs: it picks the fastest kernels once)."""
     if device.type == "cpu":
-        # Denormal floats (below 1.2e-38) are 10-100x slower on x86 CPUs: the keras recipe's
-        # L2 and RMSprop leave tens of thousands of weights and RMSprop averages there, and its
-        # epochs took 10x longer from epoch 27 on. Flush them to zero, as TensorFlow does on CPUs
-        # and GPUs do; returns False where the CPU cannot (then nothing changes).
+        # Arithmetic on denormal floats (below 1.2e-38) is 10-100x slower on x86 CPUs: the
+        # keras recipe's L2 under RMSprop leaves tens of thousands of weights and RMSprop
+        # averages there, and its epochs took 10x longer from epoch 27 on. Flush them to zero,
+        # as TensorFlow does on CPUs (a no-op where the CPU cannot).
         torch.set_flush_denormal(True)
     if device.type == "cpu" and cpus:
         torch.set_num_threads(cpus)
@@ -204,7 +205,9 @@ def build_loop(config: TrainConfig, splits: Splits, device: torch.device, rank: 
     net = set_bn_momentum(build_model(config.model, len(splits.classes), config.dirac_init,
                                       config.normalize), config.bn_momentum)
     if config.normalize == "pixel":  # the mean image of what this run trains on (a resume
-        set_pixel_mean(net, torch.from_numpy(splits.train_x))  # restores the same from its state)
+        # restores the same from its state); 1 x 3 x 32 x 32 in [0, 1], float64 sums: exact.
+        set_pixel_mean(net, torch.from_numpy(
+            splits.train_x.mean(axis=0, keepdims=True, dtype=np.float64) / 255))
     if config.channels_last:  # NHWC convolutions: faster on CUDA and on CPU (jobs.bench)
         net = net.to(memory_format=torch.channels_last)
     model = wrap(net) if wrap is not None else net.to(device)
