@@ -12,6 +12,24 @@ def test_preset_then_overrides():
     assert config.milestones[0] == (10, 0.5) and config.augment == "keras" and config.l2 == 1e-4
 
 
+def test_the_fast_preset_is_the_measured_recipe():
+    # docs/results.md measured exactly this recipe on three seeds; a change here needs new runs.
+    config = make_config("fast")
+    assert (config.epochs, config.batch_size, config.lr, config.cutout, config.crop_pad) == \
+        (50, 128, 0.2, 8, 4)
+    assert (config.ema, config.tta, config.tta_shift, config.bn_bias_decay) == (0.995, True, 2, False)
+
+
+def test_turning_tta_off_turns_the_presets_shift_tta_off_too():
+    from resnet.tune.space import trial_config
+    # `jobs.train --preset fast --no-tta`, and a sweep trial that samples tta False.
+    assert (make_config("fast", tta=False).tta, make_config("fast", tta=False).tta_shift) == (False, 0)
+    assert trial_config(make_config("fast"), {"tta": False}).tta_shift == 0
+    assert make_config("fast", tta_shift=1).tta_shift == 1
+    with pytest.raises(UsageError, match="--tta-shift needs --tta"):  # both given: a clash
+        make_config("fast", tta=False, tta_shift=2)
+
+
 def test_round_trip_through_a_plain_dict():
     config = make_config("keras")
     assert TrainConfig.from_dict(config.to_dict()) == config

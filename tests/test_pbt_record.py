@@ -126,7 +126,10 @@ def test_pbt_runs_on_the_default_space_with_what_it_cannot_vary_fixed():
         fixed_space, fixed = fix_for_pbt(space, base)
         assert set(fixed) == {"batch_size", "schedule"}
         assert fixed["schedule"] == "onecycle"
-        assert fixed["batch_size"] == (256 if profile == "gpu" else 64)  # the preset's, if offered
+        assert fixed["batch_size"] == base.batch_size == 128  # the preset's, as both offer it
+        # A preset value the space does not offer: the space's first.
+        first = space["batch_size"]["choice"][0]
+        assert fix_for_pbt(space, base.replace(batch_size=1024))[1]["batch_size"] == first
         assert "lr" in mutations(fixed_space)
     # The user's own --space that varies one is still refused, naming it.
     with pytest.raises(UsageError, match="batch_size must be fixed in --space"):

@@ -90,11 +90,11 @@ def test_a_run_name_is_reused_only_by_the_same_run(cifar, tmp_path):
     # A run.json from before a key existed: the missing key counts as its default.
     run_json = tmp_path / config.run_name / "run.json"
     stored = json.loads(run_json.read_text())
-    del stored["cutout"]
+    del stored["flip"]
     run_json.write_text(json.dumps(stored))
     check_resumable(run_dir, config, cifar)
-    with pytest.raises(UsageError, match=r"other settings \(cutout\)"):
-        check_resumable(run_dir, config.replace(cutout=8), cifar)
+    with pytest.raises(UsageError, match=r"other settings \(flip\)"):
+        check_resumable(run_dir, config.replace(flip="alternate"), cifar)
 
 
 def test_evaluation_runs_in_the_exported_models_precision():

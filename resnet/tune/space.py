@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 from ray import tune
 
-from resnet.config import TrainConfig, make_config
+from resnet.config import TrainConfig, follow_switches, make_config
 from resnet.errors import UsageError
 
 # What a sweep may vary: optimisation and augmentation, never data, hardware or storage.
@@ -194,7 +194,7 @@ def trial_config(base: TrainConfig, params: Mapping[str, Any], check: bool = Tru
     params = dict(params)
     if params.pop(RECIPE_KEY, "search") == "keras":
         return keras_config(base)
-    values = {**base.to_dict(), **params, "preset": "search"}
+    values = follow_switches({**base.to_dict(), **params, "preset": "search"}, params)
     if values["schedule"] == "step" and not values["milestones"]:
         values["milestones"] = [(math.floor(base.epochs * at) + 1, factor)
                                 for at, factor in STEP_DROPS]
