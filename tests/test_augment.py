@@ -69,6 +69,20 @@ def test_keras_shift_fills_with_the_nearest_edge():
     assert torch.all(out[0, :, :, -4:] == 1.0)  # the edge column is replicated, not zero
 
 
+def test_keras_shifts_move_the_mean_subtracted_image_as_keras_does():
+    # The Keras example subtracts the mean image, then its generator shifts: the model sees
+    # shifted(x) - shifted(mean). A PixelMean model subtracts the unshifted mean, so the loop
+    # hands augment() the mean as the centre to shift with the image.
+    x, mean = _images(4, seed=1), _images(1, seed=2)
+    plan = plan_epoch(4, 0, 0, "keras")
+    ids = torch.arange(4)
+    centre = mean.float() / 255
+    seen = augment(x, ids, plan, "keras", centre=centre) - centre  # what the model computes on
+    shifted_mean = augment(mean.expand(4, -1, -1, -1), ids, plan, "keras")
+    assert torch.allclose(seen, augment(x, ids, plan, "keras") - shifted_mean, atol=1e-5)
+    assert not torch.allclose(seen, augment(x, ids, plan, "keras") - centre, atol=1e-2)
+
+
 def test_cutout_zeroes_a_clipped_square():
     x = torch.ones(2, 3, 32, 32)
     out = apply_cutout(x, torch.tensor([[16, 16], [0, 0]]), 8)

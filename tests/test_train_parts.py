@@ -171,6 +171,16 @@ def test_the_keras_preset_subtracts_the_training_images_mean_image_in_the_weight
         assert torch.allclose(rebuilt(x), loop.eval_net.eval()(x), atol=1e-5)
         exported = torch.export.load(io.BytesIO(export_model(rebuilt))).module()
         assert torch.allclose(exported(x), rebuilt(x), atol=1e-5)
+    # Training shifts the mean image with the images (Keras shifts x - mean): the model sees
+    # shifted(x) - shifted(mean); tests/test_augment.py checks augment() itself.
+    from resnet.train.augment import augment
+    from resnet.train.loop import plan, train_input
+    epoch_plan, ids = plan(loop, 1), torch.arange(16)
+    seen = loop.net.normalize(train_input(loop, epoch_plan, ids))
+    means = (expected.float() * 255).round().to(torch.uint8).expand(16, -1, -1, -1)
+    want = (augment(loop.train_x[ids], ids, epoch_plan, "keras")
+            - augment(means, ids, epoch_plan, "keras"))
+    assert torch.allclose(seen, want, atol=3e-3)  # the mean rounded to uint8: 1/510 at most
     # The other presets keep CIFAR-10's per-channel constants, outside the state dict.
     assert "normalize.mean" not in build_model("resnet20").state_dict()
     assert make_config("fast").normalize == "channel" and config.normalize == "pixel"

@@ -53,15 +53,20 @@ def plan_epoch(n: int, seed: int, epoch: int, mode: str, size: int = 32,
 
 
 def augment(images: torch.Tensor, ids: torch.Tensor, plan: EpochPlan, mode: str,
-            cutout: int = 0) -> torch.Tensor:
+            cutout: int = 0, centre: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 B x 3 x H x W -> float B x 3 x H x W in [0, 1], augmented as planned for ``ids``.
 
     crop: zero padding (4 by default) and a random crop (integer shifts in [-pad, pad]) plus a flip.
     keras: fractional shifts up to 0.1 of the size with bilinear interpolation and nearest
     (edge-replicating) fill, as Keras' ImageDataGenerator, plus a flip.
     Both are one grid_sample over the batch; integer shifts sample pixel centres exactly.
+    ``centre`` (1 x 3 x H x W in [0, 1], the mean image a ``PixelMean`` model subtracts): augment
+    x - centre and add it back, so the model sees shifted(x) - shifted(mean) as the Keras example
+    does (it subtracts the mean image before its generator shifts), not shifted(x) - mean.
     """
     x = images.float().div_(255)
+    if centre is not None:
+        x = x - centre
     if mode != "none":
         b, _, h, w = x.shape
         shift, flip = plan.shift[ids], plan.flip[ids]
@@ -77,7 +82,7 @@ def augment(images: torch.Tensor, ids: torch.Tensor, plan: EpochPlan, mode: str,
             x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     if cutout:
         x = apply_cutout(x, plan.cutout[ids], cutout)
-    return x
+    return x if centre is None else x + centre
 
 
 def apply_cutout(x: torch.Tensor, centres: torch.Tensor, side: int) -> torch.Tensor:

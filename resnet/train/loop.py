@@ -236,14 +236,22 @@ def plan(loop: Loop, epoch: int) -> EpochPlan:
                       flip=config.flip, pad=config.crop_pad).to(loop.device)
 
 
+def train_input(loop: Loop, epoch_plan: EpochPlan, ids: torch.Tensor) -> torch.Tensor:
+    """The samples ``ids`` augmented as planned, as the model takes them: B x 3 x 32 x 32."""
+    config = loop.config
+    # A PixelMean model's mean image (1 x 3 x 32 x 32) shifts with the images, as in Keras.
+    centre = loop.net.normalize.mean if config.normalize == "pixel" else None
+    return to_input(augment(loop.train_x[ids], ids, epoch_plan, config.augment, config.cutout,
+                            centre), config)
+
+
 def train_step(loop: Loop, epoch_plan: EpochPlan, batch: int, sums: torch.Tensor) -> float:
     """One optimizer step on this rank's slice of global batch ``batch``; adds (loss * n,
     correct, n) to ``sums`` on the device (no host sync). Returns the step's LR."""
     config = loop.config
     begin = batch * config.batch_size + loop.rank * loop.local_batch
     ids = epoch_plan.order[begin:begin + loop.local_batch]  # this rank's slice
-    x = to_input(augment(loop.train_x[ids], ids, epoch_plan, config.augment, config.cutout), config)
-    y = loop.train_y[ids]
+    x, y = train_input(loop, epoch_plan, ids), loop.train_y[ids]
     lr = loop.lr_at(loop.step)
     for group in loop.optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)  # absent in checkpoints before it
