@@ -168,7 +168,9 @@ def test_a_sweep_where_every_trial_diverges_exits_1_and_says_why(ray_local, shar
         "jobs.tune: error: every trial diverged (its loss became NaN or inf), so there is no "
         "model to export; search lower learning rates (--space)")
     trials = pd.read_parquet(tmp_path / "nan" / "trials.parquet")
-    assert set(trials["status"]) == {"diverged"} and trials["epoch"].tolist() == [1]
+    assert set(trials["status"]) == {"diverged"}
+    # Stopped at its first epoch with a NaN or inf loss (which epoch that is depends on the recipe).
+    assert trials["diverged"].tolist() == [False] * (len(trials) - 1) + [True]
     assert not (tmp_path / "nan" / "summary.json").exists()
     assert not (tmp_path / "nan" / "best").exists()
 
