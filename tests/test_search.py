@@ -52,7 +52,7 @@ def pbt(request, ray_local, shared_archive, tmp_path_factory):
                                "--scheduler", "pbt", "--perturbation-interval", "1",
                                "--max-concurrent", "2", "--name", "pbt", root=root))
     assert code == 0, console.getvalue()[-3000:]
-    assert "PBT: batch_size 64, schedule onecycle fixed for the whole population" in \
+    assert "PBT: batch_size 128, schedule onecycle fixed for the whole population" in \
         console.getvalue()
     # A local copy to read with pathlib (for S3: downloaded from the bucket).
     return tmp / "pbt" if request.param == "local" else download(storage.join(root, "pbt"),
